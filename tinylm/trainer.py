@@ -24,7 +24,7 @@ __all__ = ['EVENTS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'DeviceError', '
            'resolve_checkpoint', 'load_checkpoint', 'unwrap_model', 'TrainingDiverged', 'Trainer', 'training_step',
            'evaluate', 'sample', 'data_state', 'fit', 'checkpoint_state', 'save_checkpoint', 'from_checkpoint',
            'Evaluator', 'Sampler', 'Checkpointer', 'GracefulStop', 'utc_now', 'git_commit', 'JsonlLogger',
-           'ConsoleLogger', 'default_hooks']
+           'ConsoleLogger', 'default_hooks', 'ProgressBar', 'tensorboard_writer_class', 'TensorBoardLogger']
 
 # %% ../nbs/05_trainer.ipynb #557686af
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -232,6 +232,8 @@ def training_step(self: Trainer, batch):
     self.step += 1
     self.last_loss = total
     if self.step % self.config.log_cadence == 0:   # the only host sync of a step, at the logging cadence
+        if self.world_size > 1:   # log the loss of the global batch, not of this rank's slice
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM); total /= self.world_size
         if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
         value = total.item()
         if not math.isfinite(value):
@@ -312,7 +314,7 @@ def fit(self: Trainer, train_loader, max_steps: int | None = None):
         self.fire('before_fit')
         with _fork_rng(self.device): batches = iter(train_loader)   # DataLoader.__iter__ draws from the global RNG
         accum = self.config.grad_accum_steps
-        while self.step < max_steps and not self.stop_requested:
+        while self.step < max_steps and not self._should_stop():
             batch = next(batches) if accum == 1 else [next(batches) for _ in range(accum)]
             self.training_step(batch)
         self.status = 'completed' if self.step >= max_steps else 'interrupted'
@@ -327,7 +329,17 @@ def fit(self: Trainer, train_loader, max_steps: int | None = None):
     self.fire('after_fit')
     return self
 
-Trainer.data_state, Trainer.fit = data_state, fit
+def _should_stop(self: Trainer) -> bool:
+    "Stop now? With several processes, all ranks agree (all-reduce max of the requesting signal number)."
+    if self.world_size > 1:
+        flag = torch.tensor([int(self.stop_signal or (1 if self.stop_requested else 0))], dtype=torch.int64,
+                            device=self.device if self.device.type == 'cuda' else 'cpu')
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        agreed = int(flag.item())
+        if agreed and not self.stop_requested: self.request_stop(agreed if agreed > 1 else None)
+    return self.stop_requested
+
+Trainer.data_state, Trainer.fit, Trainer._should_stop = data_state, fit, _should_stop
 
 # %% ../nbs/05_trainer.ipynb #bf41c36c
 def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
@@ -528,3 +540,56 @@ class ConsoleLogger(Hook):
 def default_hooks():
     "Hooks a bare Trainer gets: evaluation, sampling and console lines (no files written)."
     return [Evaluator(), Sampler(), ConsoleLogger()]
+
+# %% ../nbs/05_trainer.ipynb #94500da8
+class ProgressBar(ConsoleLogger):
+    "A tqdm bar over the run's steps; other console messages are printed above it."
+    def __init__(self, file=None, **tqdm_kwargs): self.file, self.kw = file, tqdm_kwargs
+    def before_fit(self, t):
+        from tqdm.auto import tqdm
+        self.tqdm = tqdm
+        self.print = lambda msg: tqdm.write(msg, file=self.file)
+        super().before_fit(t)
+        self.bar = tqdm(total=t.max_steps, initial=t.step, unit='step', dynamic_ncols=True, file=self.file,
+                        desc='train', **self.kw)
+        self.postfix = {}
+    def after_step(self, t):
+        self.bar.update(1)
+        if t.step % t.config.log_cadence == 0:
+            tps, _ = self.window.read(t)
+            self.postfix.update(loss=f"{t.last_loss.item():.4f}", tok_s=f"{tps:,.0f}")
+            self.bar.set_postfix(self.postfix, refresh=False)
+    def after_eval(self, t):
+        self.postfix['val_loss'] = f"{t.last_val_loss:.4f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
+        super().after_eval(t)
+    def after_fit(self, t):
+        self.bar.close()
+        super().after_fit(t)
+
+# %% ../nbs/05_trainer.ipynb #4223d722
+def tensorboard_writer_class():
+    "`SummaryWriter`, or a clear error if the optional `tensorboard` package is missing."
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter
+    except ImportError:
+        raise TinyLMError("tensorboard: true needs the optional tensorboard package: "
+                          "pip install -e \".[tensorboard]\" (or pip install tensorboard)") from None
+
+class TensorBoardLogger(Hook):
+    "Scalars (loss, lr, tokens/s, val_loss) and samples to `<out_dir>/tensorboard`."
+    order = 91
+    def __init__(self, log_dir=None): self.log_dir = log_dir
+    def before_fit(self, t):
+        self.w = tensorboard_writer_class()(log_dir=str(self.log_dir or Path(t.config.out_dir) / 'tensorboard'))
+        self.window = _Window(); self.window.reset(t)
+    def after_step(self, t):
+        if t.step % t.config.log_cadence == 0:
+            tps, _ = self.window.read(t)
+            self.w.add_scalar('train/loss', t.last_loss.item(), t.step)
+            self.w.add_scalar('train/lr', t.lr, t.step)
+            self.w.add_scalar('train/tokens_per_s', tps, t.step)
+    def after_eval(self, t): self.w.add_scalar('val/loss', t.last_val_loss, t.step)
+    def after_sample(self, t): self.w.add_text('sample', t.last_sample, t.step)
+    def after_fit(self, t): self.w.close()
