@@ -197,6 +197,7 @@ def run(args) -> int:
     try:
         trainer, train_dl = build_trainer(config, ckpt, hooks=hooks, allow_data_change=args.allow_data_change, dist=dist)
         trainer.fit(train_dl)
+        if dist.enabled: torch.distributed.barrier()   # the other ranks wait until rank 0 has saved and logged
     finally: cleanup_distributed()
     if not dist.is_main and trainer.status == 'interrupted': return 128 + int(trainer.stop_signal or 0) or 1
     if trainer.status == 'interrupted':
@@ -218,7 +219,10 @@ def main(argv=None) -> int:
         _err(f"{e.strerror or e}{where}"); return 1
     except Exception as e:
         if os.environ.get('TINYLM_DEBUG'): traceback.print_exc()
-        _err(f"unexpected {type(e).__name__}: {e} (this is a bug in tinylm; TINYLM_DEBUG=1 shows the traceback)")
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        if 'Connection closed by peer' in text or 'Connection reset by peer' in text:
+            _err("lost contact with another process of this job (it probably failed: see its error above)")
+        else: _err(f"unexpected {type(e).__name__}: {text} (TINYLM_DEBUG=1 shows the traceback)")
         return 1
 
 def cli():

@@ -20,7 +20,7 @@ from .optim import create_optimizer, lr_at, set_lr
 
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'DeviceError', 'pick_device', 'autocast_dtype', 'capture_rng',
-           'restore_rng', 'Hook', 'CheckpointError', 'atomic_write', 'atomic_save', 'find_checkpoints',
+           'restore_rng', 'Hook', 'hook_name', 'CheckpointError', 'atomic_write', 'atomic_save', 'find_checkpoints',
            'resolve_checkpoint', 'load_checkpoint', 'unwrap_model', 'TrainingDiverged', 'Trainer', 'training_step',
            'evaluate', 'sample', 'data_state', 'fit', 'checkpoint_state', 'save_checkpoint', 'from_checkpoint',
            'Evaluator', 'Sampler', 'Checkpointer', 'GracefulStop', 'utc_now', 'git_commit', 'JsonlLogger',
@@ -80,6 +80,10 @@ class Hook:
     @property
     def name(self): return type(self).__name__
     def __repr__(self): return self.name
+
+def hook_name(h) -> str:
+    "A hook's name; hooks need not subclass `Hook`."
+    return getattr(h, 'name', None) or type(h).__name__
 
 # %% ../nbs/05_trainer.ipynb #e396c434
 class CheckpointError(TinyLMError, ValueError): "A checkpoint that cannot be used: missing, corrupt, foreign or too new."
@@ -198,6 +202,14 @@ class Trainer:
         for h in self.hooks:
             fn = getattr(h, event, None)
             if fn is not None: fn(self)
+
+    def _fire_after_failure(self):
+        "`after_fit` after an exception: every hook gets its turn, and none can mask the original error."
+        for h in self.hooks:
+            fn = getattr(h, 'after_fit', None)
+            if fn is None: continue
+            try: fn(self)
+            except Exception: pass
 
     def request_stop(self, signum=None):
         "Ask the loop to stop at the next step boundary (signal handlers call this; it only sets flags)."
@@ -320,11 +332,11 @@ def fit(self: Trainer, train_loader, max_steps: int | None = None):
         self.status = 'completed' if self.step >= max_steps else 'interrupted'
     except KeyboardInterrupt as e:
         self.status, self.error = 'interrupted', e
-        self.fire('after_fit')
+        self._fire_after_failure()
         raise
     except BaseException as e:
         self.status, self.error = 'failed', e
-        self.fire('after_fit')
+        self._fire_after_failure()
         raise
     self.fire('after_fit')
     return self
@@ -337,6 +349,7 @@ def _should_stop(self: Trainer) -> bool:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         agreed = int(flag.item())
         if agreed and not self.stop_requested: self.request_stop(agreed if agreed > 1 else None)
+        return bool(agreed)   # the agreed answer, never the local flag: a signal may land after the all-reduce
     return self.stop_requested
 
 Trainer.data_state, Trainer.fit, Trainer._should_stop = data_state, fit, _should_stop
@@ -493,7 +506,7 @@ class JsonlLogger(Hook):
         self.window.reset(t)
         m = t.raw_model
         self.write(t, 'run_start', config_hash=config_hash(t.config), git_commit=git_commit(),
-                   hooks=[h.name for h in t.hooks], config=t.config.to_dict(),
+                   hooks=[hook_name(h) for h in t.hooks], config=t.config.to_dict(),
                    resumed_from=None if t.resumed_from is None else str(t.resumed_from),
                    n_params=m.num_params(), vocab_size=t.tokenizer.vocab_size if t.tokenizer else m.vocab_size,
                    device=str(t.device), torch_version=str(torch.__version__), world_size=t.world_size,
@@ -506,6 +519,7 @@ class JsonlLogger(Hook):
     def after_sample(self, t): self.write(t, 'sample', sample_text=t.last_sample)
     def after_checkpoint(self, t): self.write(t, 'checkpoint', path=str(t.last_checkpoint))
     def after_fit(self, t):
+        if getattr(self, 'f', None) is None or self.f.closed: return   # before_fit never ran
         extra = {'error': f"{type(t.error).__name__}: {t.error}"} if t.status == 'failed' and t.error else {}
         self.write(t, 'run_end', status=t.status, wall_s=time.time() - t.t_start,
                    best_val_loss=None if math.isinf(t.best_val_loss) else t.best_val_loss, **extra)
@@ -522,7 +536,7 @@ class ConsoleLogger(Hook):
         start = f"resuming from {t.resumed_from} at step {t.step}" if t.resumed_from else "starting a new run"
         self.print(f"tinylm: {start} | run {t.run_id} | {m.num_params():,} parameters | device {t.device} | "
                    f"steps {t.step + 1}..{t.max_steps}")
-        self.print(f"hooks: {', '.join(h.name for h in t.hooks)}")
+        self.print(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
     def after_step(self, t):
         if t.step % t.config.log_cadence == 0:
             tps, secs = self.window.read(t)
