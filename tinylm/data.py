@@ -241,6 +241,8 @@ def make_dataloaders(train_ds: WindowDataset, val_ds: WindowDataset, config, ran
     "Training (endless, resumable) and validation (finite, fixed) `DataLoader`s yielding `(X, Y)` of shape `(B, T)`."
     train_sampler = EpochBatchSampler(len(train_ds), config.batch_size, config.seed, rank=rank, world_size=world_size)
     val_sampler = EvalBatchSampler(len(val_ds), config.batch_size, config.eval_batches, rank=rank, world_size=world_size)
+    # `generator=`: starting to iterate a DataLoader draws a seed from this generator; without one it would draw
+    # from the *global* torch generator and shift dropout's random stream at every evaluation.
     kw = dict(num_workers=0, collate_fn=passthrough_collate, pin_memory=pin_memory)
-    return (DataLoader(train_ds, batch_sampler=train_sampler, **kw),
-            DataLoader(val_ds, batch_sampler=val_sampler, **kw))
+    return (DataLoader(train_ds, batch_sampler=train_sampler, generator=torch.Generator(), **kw),
+            DataLoader(val_ds, batch_sampler=val_sampler, generator=torch.Generator(), **kw))
