@@ -497,13 +497,13 @@ class JsonlLogger(Hook):
     order = 90
     def __init__(self, path=None): self.path = path
     def write(self, t, event, **fields):
+        "Append one record; the file is opened per record, so it is never left open or half-written by us."
         rec = {'event': event, 'ts': utc_now(), 'run_id': t.run_id, 'step': t.step, **fields}
-        self.f.write(json.dumps(rec, allow_nan=True) + '\n'); self.f.flush()
+        with open(self.path, 'a', encoding='utf-8') as f: f.write(json.dumps(rec, allow_nan=True) + '\n')
     def before_fit(self, t):
         self.path = Path(self.path or Path(t.config.out_dir) / 'train.jsonl')
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f, self.window = open(self.path, 'a', encoding='utf-8'), _Window()
-        self.window.reset(t)
+        self.window = _Window(); self.window.reset(t)
         m = t.raw_model
         self.write(t, 'run_start', config_hash=config_hash(t.config), git_commit=git_commit(),
                    hooks=[hook_name(h) for h in t.hooks], config=t.config.to_dict(),
@@ -519,11 +519,10 @@ class JsonlLogger(Hook):
     def after_sample(self, t): self.write(t, 'sample', sample_text=t.last_sample)
     def after_checkpoint(self, t): self.write(t, 'checkpoint', path=str(t.last_checkpoint))
     def after_fit(self, t):
-        if getattr(self, 'f', None) is None or self.f.closed: return   # before_fit never ran
+        if not hasattr(self, 'window'): return   # before_fit never ran
         extra = {'error': f"{type(t.error).__name__}: {t.error}"} if t.status == 'failed' and t.error else {}
         self.write(t, 'run_end', status=t.status, wall_s=time.time() - t.t_start,
                    best_val_loss=None if math.isinf(t.best_val_loss) else t.best_val_loss, **extra)
-        self.f.close()
 
 # %% ../nbs/05_trainer.ipynb #2a658ee1
 class ConsoleLogger(Hook):
