@@ -179,8 +179,8 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     trainer.data_sha256 = sha
     return trainer, train_dl
 
-# %% ../nbs/06_main.ipynb #1a2a67de
-_RANK = ''
+# %% ../nbs/06_main.ipynb #a30b37a3
+_RANK, _CURRENT = '', {}
 def _err(msg: str): print(f"error: {_RANK}{msg}", file=sys.stderr, flush=True)
 
 def run(args) -> int:
@@ -196,6 +196,7 @@ def run(args) -> int:
     hooks = standard_hooks(config, main_rank=dist.is_main) + user_hooks
     try:
         trainer, train_dl = build_trainer(config, ckpt, hooks=hooks, allow_data_change=args.allow_data_change, dist=dist)
+        _CURRENT['trainer'] = trainer
         trainer.fit(train_dl)
         if dist.enabled: torch.distributed.barrier()   # the other ranks wait until rank 0 has saved and logged
     finally: cleanup_distributed()
@@ -203,8 +204,9 @@ def run(args) -> int:
     if trainer.status == 'interrupted':
         name = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else 'a stop request'
         where = trainer.last_checkpoint
-        print(f"stopped by {name} at step {trainer.step}; checkpoint: {where}\n"
-              f"resume with: tinylm_train --resume {where}", flush=True)
+        if where is None: print(f"stopped by {name} before the first step; nothing to save", flush=True)
+        else: print(f"stopped by {name} at step {trainer.step}; checkpoint: {where}\n"
+                    f"resume with: tinylm_train --resume {where}", flush=True)
         return 128 + int(trainer.stop_signal) if trainer.stop_signal else 1
     return 0
 
@@ -213,7 +215,11 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     try: return run(args)
     except TinyLMError as e: _err(str(e)); return 1
-    except KeyboardInterrupt: _err("interrupted before training started; nothing was saved"); return 130
+    except KeyboardInterrupt:
+        t = _CURRENT.get('trainer')
+        if t is None or t.status == 'created': _err("interrupted before training started; nothing was saved")
+        else: _err(f"interrupted at step {t.step}; the last checkpoint is {t.last_checkpoint or 'none'}")
+        return 130
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, 'filename', None) else ''
         _err(f"{e.strerror or e}{where}"); return 1

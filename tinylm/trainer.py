@@ -71,8 +71,9 @@ def restore_rng(s: dict):
     torch.set_rng_state(s['torch'])
     if s.get('cuda') and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-# %% ../nbs/05_trainer.ipynb #39b0804e
-EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_sample', 'after_checkpoint', 'after_fit')
+# %% ../nbs/05_trainer.ipynb #9c99dad8
+EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_sample', 'after_checkpoint', 'after_fit',
+          'teardown')
 
 class Hook:
     "Base class for trainer hooks: override any of `EVENTS`; lower `order` runs first."
@@ -203,10 +204,10 @@ class Trainer:
             fn = getattr(h, event, None)
             if fn is not None: fn(self)
 
-    def _fire_after_failure(self):
-        "`after_fit` after an exception: every hook gets its turn, and none can mask the original error."
+    def _fire_after_failure(self, event='after_fit'):
+        "`event` after an exception: every hook gets its turn, and none can mask the original error."
         for h in self.hooks:
-            fn = getattr(h, 'after_fit', None)
+            fn = getattr(h, event, None)
             if fn is None: continue
             try: fn(self)
             except Exception: pass
@@ -249,8 +250,10 @@ def training_step(self: Trainer, batch):
         if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
         value = total.item()
         if not math.isfinite(value):
+            last = f"resume from the last checkpoint ({self.last_checkpoint})" if self.last_checkpoint else \
+                   "start again (no checkpoint was saved yet)"
             raise TrainingDiverged(f"the loss became {value} at step {self.step}; try a lower learning_rate "
-                                   "(or more warmup_steps) and resume from the last checkpoint")
+                                   f"(or more warmup_steps) and {last}")
     self.step_seconds = time.perf_counter() - t0
     self.train_seconds += self.step_seconds
     self.fire('after_step')
@@ -338,7 +341,8 @@ def fit(self: Trainer, train_loader, max_steps: int | None = None):
         self.status, self.error = 'failed', e
         self._fire_after_failure()
         raise
-    self.fire('after_fit')
+    else: self.fire('after_fit')
+    finally: self._fire_after_failure('teardown')
     return self
 
 def _should_stop(self: Trainer) -> bool:
@@ -455,7 +459,7 @@ class Checkpointer(Hook):
 
 class GracefulStop(Hook):
     "SIGINT/SIGTERM request a stop at the next step boundary instead of killing the process mid-step."
-    order = 0
+    order = 0   # first in, and out only at `teardown`: after the final checkpoint and log line are written
     signals = ('SIGINT', 'SIGTERM')
     def before_fit(self, t):
         self.previous = {}
@@ -464,7 +468,7 @@ class GracefulStop(Hook):
             if sig is None: continue
             try: self.previous[sig] = signal.signal(sig, lambda signum, frame: t.request_stop(signum))
             except ValueError: pass    # not the main thread: leave signals alone
-    def after_fit(self, t):
+    def teardown(self, t):
         for sig, handler in self.previous.items(): signal.signal(sig, handler)
 
 # %% ../nbs/05_trainer.ipynb #e104a6d4
