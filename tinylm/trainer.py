@@ -558,7 +558,7 @@ def default_hooks():
     "Hooks a bare Trainer gets: evaluation, sampling and console lines (no files written)."
     return [Evaluator(), Sampler(), ConsoleLogger()]
 
-# %% ../nbs/05_trainer.ipynb #a611e2e8
+# %% ../nbs/05_trainer.ipynb #14ea597f
 class ProgressBar(ConsoleLogger):
     "A tqdm bar over the run's steps; other console messages are printed above it."
     order = 5   # advance the bar before evaluation or sampling print their lines
@@ -586,7 +586,7 @@ class ProgressBar(ConsoleLogger):
         self.bar.close()
         super().after_fit(t)
 
-# %% ../nbs/05_trainer.ipynb #4223d722
+# %% ../nbs/05_trainer.ipynb #73e0bda1
 def tensorboard_writer_class():
     "`SummaryWriter`, or a clear error if the optional `tensorboard` package is missing."
     try:
