@@ -8,7 +8,7 @@ import argparse, configparser, copy, html, json, os, re, subprocess, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TinyLMError
+from .config import TinyLMError, CLIParser, print_error, report_error
 
 # %% auto #0
 __all__ = ['DocsError', 'find_notebooks', 'split_directives', 'prepare_notebook', 'notebook_info', 'execute_notebook', 'Chapter',
@@ -271,11 +271,11 @@ def build_docs(nbs='nbs', out='_docs', execute: bool = True, timeout: int = 600,
     (out / 'index.html').write_text(index_page(chapters, *site_info(nbs)), encoding='utf-8')
     return chapters
 
-# %% ../nbs/12_docs.ipynb #a501b103
-def _err(msg: str): print(f"error: {msg}", file=sys.stderr, flush=True)
+# %% ../nbs/12_docs.ipynb #e79f5e3b
+_err = print_error
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='tinylm_docs', description='Execute every notebook and render the book to static HTML.',
+    p = CLIParser(prog='tinylm_docs', description='Execute every notebook and render the book to static HTML.',
                                 epilog='Example, from the repository root:  tinylm_docs && open _docs/index.html')
     p.add_argument('--nbs', default='nbs', metavar='DIR', help='folder of notebooks (default: ./nbs)')
     p.add_argument('--out', default='_docs', metavar='DIR', help='where the HTML goes (default: ./_docs)')
@@ -294,8 +294,8 @@ def main(argv=None) -> int:
     if args.timeout <= 0: _err(f"--timeout must be a positive number of seconds, got {args.timeout}"); return 1
     t0 = time.time()
     try: chapters = build_docs(nbs, args.out, execute=args.execute, timeout=args.timeout)
-    except TinyLMError as e: _err(str(e)); return 1
     except KeyboardInterrupt: _err("interrupted"); return 130
+    except Exception as e: return report_error(e)
     failed = [c for c in chapters if c.error]
     print(f"wrote {Path(args.out) / 'index.html'} and {len(chapters)} chapter pages in {time.time() - t0:.0f} s"
           + (f"; {len(failed)} failed" if failed else ''), flush=True)

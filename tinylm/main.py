@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import yaml
 
-from .config import TrainingConfig, TinyLMError, ConfigError, load_config
+from .config import TrainingConfig, TinyLMError, ConfigError, load_config, CLIParser, print_error, report_error
 from .tokenizer import Tokenizer, TokenizerError
 from .data import load_text, text_sha256, split_corpus, WindowDataset, make_dataloaders, DataError
 from .model import Transformer
@@ -25,14 +25,9 @@ from .distributed import DistInfo, dist_env, check_world_batch, init_distributed
 __all__ = ['RESUMABLE_FIELDS', 'make_parser', 'cli_overrides', 'build_config', 'seed_everything', 'standard_hooks', 'load_hook',
            'prepare_data', 'check_fresh_out_dir', 'build_trainer', 'run', 'main', 'cli']
 
-# %% ../nbs/06_main.ipynb #3178e63f
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
-
+# %% ../nbs/06_main.ipynb #a7225e21
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog='tinylm_train', description='Train a small character-level GPT; resume it exactly.',
+    p = CLIParser(prog='tinylm_train', description='Train a small character-level GPT; resume it exactly.',
                 epilog='Examples:\n  tinylm_train --max-steps 100\n  tinylm_train --resume out --max-steps 200\n'
                        '  tinylm_train --config run.yaml --set dropout=0.1 --set n_layer=6',
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,9 +174,9 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     trainer.data_sha256 = sha
     return trainer, train_dl
 
-# %% ../nbs/06_main.ipynb #a30b37a3
+# %% ../nbs/06_main.ipynb #716dd5f1
 _RANK, _CURRENT = '', {}
-def _err(msg: str): print(f"error: {_RANK}{msg}", file=sys.stderr, flush=True)
+def _err(msg: str): print_error(msg, _RANK)
 
 def run(args) -> int:
     global _RANK
@@ -214,22 +209,15 @@ def main(argv=None) -> int:
     "Run `tinylm_train` with `argv`; returns the process exit status."
     args = make_parser().parse_args(argv)
     try: return run(args)
-    except TinyLMError as e: _err(str(e)); return 1
     except KeyboardInterrupt:
         t = _CURRENT.get('trainer')
         if t is None or t.status == 'created': _err("interrupted before training started; nothing was saved")
         else: _err(f"interrupted at step {t.step}; the last checkpoint is {t.last_checkpoint or 'none'}")
         return 130
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, 'filename', None) else ''
-        _err(f"{e.strerror or e}{where}"); return 1
     except Exception as e:
-        if os.environ.get('TINYLM_DEBUG'): traceback.print_exc()
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        if 'Connection closed by peer' in text or 'Connection reset by peer' in text:
-            _err("lost contact with another process of this job (it probably failed: see its error above)")
-        else: _err(f"unexpected {type(e).__name__}: {text} (TINYLM_DEBUG=1 shows the traceback)")
-        return 1
+        if 'Connection closed by peer' in str(e) or 'Connection reset by peer' in str(e):
+            _err("lost contact with another process of this job (it probably failed: see its error above)"); return 1
+        return report_error(e, _RANK)
 
 def cli():
     "Console-script entry point of `tinylm_train`."

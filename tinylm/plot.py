@@ -12,7 +12,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from .config import TinyLMError
+from .config import TinyLMError, CLIParser, print_error, report_error
 from .trainer import atomic_write
 
 # %% auto #0
@@ -150,12 +150,7 @@ def save_figure(fig: Figure, path, dpi: float | None = None) -> Path:
                         f"{', '.join('.' + f for f in FORMATS)}")
     return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi or fig.dpi))
 
-# %% ../nbs/09_plot.ipynb #5cc895a0
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
-
+# %% ../nbs/09_plot.ipynb #b68ecc02
 def _positive(s: str) -> float:
     try: v = float(s)
     except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
@@ -163,7 +158,7 @@ def _positive(s: str) -> float:
     return v
 
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog='tinylm_plot', description='Plot the train/val loss and learning rate of a tinylm run.',
+    p = CLIParser(prog='tinylm_plot', description='Plot the train/val loss and learning rate of a tinylm run.',
                 epilog='The PNG is int(width*dpi) x int(height*dpi) pixels: 800 x 450 by default.\n\n'
                        'Examples:\n  tinylm_plot out\n  tinylm_plot out/train.jsonl -o curves.png --dpi 200',
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +174,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 MAX_PIXELS = 20_000   # per side; Agg cannot render much more, and nobody needs it
 
-def _err(msg: str): print(f"error: {msg}", file=sys.stderr, flush=True)
+_err = print_error
 
 def run(args) -> int:
     w, h = int(args.width * args.dpi), int(args.height * args.dpi)
@@ -207,14 +202,7 @@ def main(argv=None) -> int:
     try: args = make_parser().parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 0   # usage error or --help
     try: return run(args)
-    except TinyLMError as e: _err(str(e)); return 1
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, 'filename', None) else ''
-        _err(f"{e.strerror or e}{where}"); return 1
-    except Exception as e:
-        if os.environ.get('TINYLM_DEBUG'): traceback.print_exc()
-        _err(f"unexpected {type(e).__name__}: {e} (this is a bug in tinylm; TINYLM_DEBUG=1 shows the traceback)")
-        return 1
+    except Exception as e: return report_error(e)
 
 def cli():
     "Console-script entry point of `tinylm_plot`."

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrainingConfig, TinyLMError
+from .config import TrainingConfig, TinyLMError, CLIParser, print_error, report_error
 from .tokenizer import Tokenizer, TokenizerError
 from .model import Transformer, ModelError, _filter_logits
 from .trainer import CheckpointError, load_checkpoint, pick_device
@@ -110,14 +110,9 @@ def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_token
         texts.append(''.join(chars))
     return texts
 
-# %% ../nbs/08_sample.ipynb #8d0f36b4
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
-
+# %% ../nbs/08_sample.ipynb #0af707e8
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog='tinylm_sample', description='Generate text from a tinylm checkpoint, streamed as it is sampled.',
+    p = CLIParser(prog='tinylm_sample', description='Generate text from a tinylm checkpoint, streamed as it is sampled.',
                 epilog='Examples:\n  tinylm_sample --checkpoint out\n'
                        '  tinylm_sample --checkpoint out --prompt "ROMEO:" --top-p 0.9 --max-new-tokens 300\n'
                        '  tinylm_sample --checkpoint out/checkpoints/step_002000.pt --num-samples 3 --seed 7',
@@ -142,7 +137,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps (default: auto)')
     return p
 
-def _err(msg: str): print(f"error: {msg}", file=sys.stderr, flush=True)
+_err = print_error
 
 def read_prompt(args) -> str:
     "The prompt from `--prompt`, `--prompt-file` or the default (a newline, or the first character of the vocabulary)."
@@ -170,7 +165,6 @@ def main(argv=None) -> int:
     try: args = make_parser().parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 0   # usage error or --help
     try: return run(args)
-    except TinyLMError as e: _err(str(e)); return 1
     except KeyboardInterrupt:
         sys.stdout.write('\n'); sys.stdout.flush()
         return 130
@@ -178,13 +172,7 @@ def main(argv=None) -> int:
         try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError, AttributeError): pass
         return 141
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, 'filename', None) else ''
-        _err(f"{e.strerror or e}{where}"); return 1
-    except Exception as e:
-        if os.environ.get('TINYLM_DEBUG'): traceback.print_exc()
-        _err(f"unexpected {type(e).__name__}: {e} (this is a bug in tinylm; TINYLM_DEBUG=1 shows the traceback)")
-        return 1
+    except Exception as e: return report_error(e)
 
 def cli():
     "Console-script entry point of `tinylm_sample`."
