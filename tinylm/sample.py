@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .config import TrainingConfig, TinyLMError, CLIParser, print_error, report_error
 from .tokenizer import Tokenizer, TokenizerError
 from .model import Transformer, ModelError, _filter_logits
-from .trainer import CheckpointError, load_checkpoint, pick_device
+from .trainer import CheckpointError, load_checkpoint, pick_device, model_from_checkpoint
 
 # %% auto #0
 __all__ = ['SEPARATOR', 'SampleError', 'load_model', 'check_sampling_args', 'stream_tokens', 'encode_prompt', 'write_samples',
@@ -26,19 +26,8 @@ class SampleError(TinyLMError, ValueError): "A bad sampling request: invalid set
 def load_model(path, device: str | torch.device = 'auto') -> tuple[Transformer, Tokenizer, dict]:
     "Rebuild (model in eval mode on `device`, tokenizer, checkpoint dict) from a checkpoint file or run folder."
     ckpt = load_checkpoint(path)
-    where = ckpt['path']
-    try:
-        config = TrainingConfig.from_dict(ckpt['config'], source=f"{where} (config)")
-        tok = Tokenizer.from_state_dict(ckpt['tokenizer'])
-    except TinyLMError as e: raise CheckpointError(f"{where}: {e}") from None
     device = device if isinstance(device, torch.device) else pick_device(device)
-    with torch.random.fork_rng(devices=[]):   # the random init is thrown away: leave the global RNG as it was
-        try: model = Transformer(tok.vocab_size, config)
-        except TinyLMError as e: raise CheckpointError(f"{where}: {e}") from None
-    try: model.load_state_dict(ckpt['model'])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+    model, tok, _ = model_from_checkpoint(ckpt)   # leaves the global RNG as it was
     return model.to(device).eval(), tok, ckpt
 
 # %% ../nbs/08_sample.ipynb #d4e5683c

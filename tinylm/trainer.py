@@ -22,9 +22,10 @@ from .optim import create_optimizer, lr_at, set_lr
 __all__ = ['EVENTS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'DeviceError', 'pick_device', 'autocast_dtype', 'capture_rng',
            'restore_rng', 'Hook', 'hook_name', 'CheckpointError', 'atomic_write', 'atomic_save', 'find_checkpoints',
            'resolve_checkpoint', 'load_checkpoint', 'unwrap_model', 'TrainingDiverged', 'Trainer', 'training_step',
-           'evaluate', 'sample', 'data_state', 'fit', 'checkpoint_state', 'save_checkpoint', 'from_checkpoint',
-           'Evaluator', 'Sampler', 'Checkpointer', 'GracefulStop', 'utc_now', 'git_commit', 'JsonlLogger',
-           'ConsoleLogger', 'default_hooks', 'ProgressBar', 'tensorboard_writer_class', 'TensorBoardLogger']
+           'evaluate', 'sample', 'data_state', 'fit', 'checkpoint_state', 'save_checkpoint', 'model_from_checkpoint',
+           'from_checkpoint', 'Evaluator', 'Sampler', 'Checkpointer', 'GracefulStop', 'utc_now', 'git_commit',
+           'JsonlLogger', 'ConsoleLogger', 'default_hooks', 'ProgressBar', 'tensorboard_writer_class',
+           'TensorBoardLogger']
 
 # %% ../nbs/05_trainer.ipynb #557686af
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -379,23 +380,30 @@ def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None) -> 
 
 Trainer.checkpoint_state, Trainer.save_checkpoint = checkpoint_state, save_checkpoint
 
-# %% ../nbs/05_trainer.ipynb #ead1a205
+# %% ../nbs/05_trainer.ipynb #0bc200c4
+def model_from_checkpoint(ckpt: dict, config: TrainingConfig | None = None):
+    "Rebuild (model with the saved weights, on the CPU; tokenizer; config) from a loaded checkpoint."
+    where = ckpt.get('path', 'checkpoint')
+    try:
+        config = config or TrainingConfig.from_dict(ckpt['config'], source=f"{where} (config)")
+        tok = Tokenizer.from_state_dict(ckpt['tokenizer'])
+        with torch.random.fork_rng(devices=[]):   # the random init is overwritten: leave the global RNG alone
+            model = Transformer(tok.vocab_size, config)
+    except TinyLMError as e: raise CheckpointError(f"{where}: {e}") from None
+    try: model.load_state_dict(ckpt['model'])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+    return model, tok, config
+
 @classmethod
 def from_checkpoint(cls, path, val_dataloader=None, hooks=None, config: TrainingConfig | None = None,
                     device=None, rank: int = 0, world_size: int = 1, wrap=None) -> Trainer:
     "Rebuild a Trainer from a checkpoint file (or an already loaded checkpoint dict)."
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)
     where = ckpt.get('path', str(path))
-    try:
-        config = config or TrainingConfig.from_dict(ckpt['config'], source=f"{where} (config)")
-        tok = Tokenizer.from_state_dict(ckpt['tokenizer'])
-    except TinyLMError as e: raise CheckpointError(f"{where}: {e}") from None
+    model, tok, config = model_from_checkpoint(ckpt, config)
     device = pick_device(config.device) if device is None else torch.device(device)
-    model = Transformer(tok.vocab_size, config)
-    try: model.load_state_dict(ckpt['model'])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
-                              f"{str(e).splitlines()[0]}") from None
     model.to(device)
     optimizer = create_optimizer(model, config)
     try: optimizer.load_state_dict(ckpt['optimizer'])
