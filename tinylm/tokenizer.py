@@ -17,13 +17,15 @@ __all__ = ['TokenizerError', 'Tokenizer']
 class TokenizerError(TinyLMError, ValueError):
     "Text or ids that the tokenizer cannot handle, or an invalid vocabulary or saved tokenizer state."
 
-# %% ../nbs/01_tokenizer.ipynb #b008765d
-def _codepoints(text: str) -> np.ndarray:
+# %% ../nbs/01_tokenizer.ipynb #e1e2866b
+def _codepoints(text: str, offset: int = 0) -> np.ndarray:
     "The Unicode code points of `text` as a uint32 array, one per character (no Python loop)."
     try: return np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
     except UnicodeEncodeError as e:  # only lone surrogates ('\ud800'...) cannot be encoded
-        raise TokenizerError(f"character {text[e.start]!r} at position {e.start} is a lone surrogate, "
+        raise TokenizerError(f"character {text[e.start]!r} at position {offset + e.start} is a lone surrogate, "
                              "not a real character; the text was probably decoded incorrectly") from None
+
+_SLICE = 1 << 22   # characters per slice: big texts are processed in pieces, so temporaries stay ~16 MB
 
 def _describe(c: str) -> str:
     "A character as people read it: its repr and its code point, e.g. `'é' (U+00E9)`."
@@ -52,13 +54,22 @@ class Tokenizer:
         # code point -> id, -1 = not in the vocabulary; the last slot is the sentinel for everything larger
         self._table = np.full(int(self._cps.max()) + 2, -1, dtype=np.int32)
         self._table[self._cps] = np.arange(n, dtype=np.int32)
+        # the same for the 128 ASCII code points, indexed by byte: the fast path for plain-ASCII text
+        self._ascii = np.full(128, -1, dtype=np.int32)
+        is_ascii = self._cps < 128
+        self._ascii[self._cps[is_ascii]] = np.flatnonzero(is_ascii)
 
     @classmethod
     def from_text(cls, text: str) -> Tokenizer:
         "The tokenizer whose vocabulary is the sorted set of characters in `text`."
         if not isinstance(text, str): raise TokenizerError(f"text must be a str, got {type(text).__name__}")
         if not text: raise TokenizerError("cannot build a vocabulary from empty text")
-        return cls(''.join(sorted(set(text))))
+        seen, other = np.zeros(128, dtype=bool), set()
+        for start in range(0, len(text), _SLICE):
+            part = text[start:start + _SLICE]
+            if part.isascii(): seen |= np.bincount(np.frombuffer(part.encode('ascii'), np.uint8), minlength=128) > 0
+            else: other.update(part)
+        return cls(''.join(sorted(other | {chr(c) for c in np.flatnonzero(seen)})))
 
     @property
     def chars(self) -> str: return self._chars
@@ -75,14 +86,18 @@ class Tokenizer:
 def encode(self: Tokenizer, text: str) -> np.ndarray:
     "Ids of the characters of `text`, as a 1-D array of `self.dtype`. Unknown characters raise `TokenizerError`."
     if not isinstance(text, str): raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
-    cps = _codepoints(text)
-    ids = self._table[np.minimum(cps, len(self._table) - 1)]   # out-of-table code points hit the -1 sentinel
-    unknown = ids < 0
-    if unknown.any():
-        pos = int(unknown.argmax())   # one uint32 per character, so this is the index in the str too
-        raise TokenizerError(f"character {_describe(text[pos])} at position {pos} is not in the vocabulary "
-                             f"({self.vocab_size} characters)")
-    return ids.astype(self.dtype)
+    out = np.empty(len(text), dtype=self.dtype)
+    for start in range(0, len(text), _SLICE):
+        part = text[start:start + _SLICE]
+        if part.isascii(): ids = self._ascii[np.frombuffer(part.encode('ascii'), dtype=np.uint8)]
+        else: ids = self._table[np.minimum(_codepoints(part, start), len(self._table) - 1)]  # -1 sentinel if too big
+        unknown = ids < 0
+        if unknown.any():
+            pos = start + int(unknown.argmax())   # one entry per character, so this is the index in the str too
+            raise TokenizerError(f"character {_describe(text[pos])} at position {pos} is not in the vocabulary "
+                                 f"({self.vocab_size} characters)")
+        out[start:start + len(part)] = ids
+    return out
 
 # %% ../nbs/01_tokenizer.ipynb #b200d854
 def _as_ids(ids) -> np.ndarray:
