@@ -74,22 +74,17 @@ def test_same_losses_as_one_process_with_the_same_global_batch(runs):
     assert len(va) == len(vb) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(va, vb))
 
 
-def test_ddp_checkpoint_resumes_in_one_process(runs, tmp_path):
+@pytest.mark.parametrize('source, launch', [('two', 'single'), ('one', 'torchrun')],
+                         ids=['ddp-checkpoint-in-one-process', 'one-process-checkpoint-under-torchrun'])
+def test_checkpoints_are_interchangeable(runs, tmp_path, source, launch):
+    "A checkpoint of either kind resumes in the other and continues the run it came from (up to float order)."
     base, two, one, _ = runs
-    out = tmp_path / 'single'
-    r = single(['--resume', str(two / 'checkpoints' / 'step_000010.pt'), '--out-dir', str(out), '--max-steps', '20'])
+    src = {'two': two, 'one': one}[source]
+    out = tmp_path / 'resumed'
+    r = {'single': single, 'torchrun': torchrun}[launch](
+        ['--resume', str(src / 'checkpoints' / 'step_000010.pt'), '--out-dir', str(out), '--max-steps', '20'])
     assert r.returncode == 0, r.stderr[-3000:]
-    got, ref = losses(out), losses(two)
-    assert sorted(got) == list(range(11, 21))
-    assert max(abs(got[s] - ref[s]) / ref[s] for s in got) < 1e-5
-
-
-def test_single_process_checkpoint_resumes_under_torchrun(runs, tmp_path):
-    base, two, one, _ = runs
-    out = tmp_path / 'two_from_one'
-    r = torchrun(['--resume', str(one / 'checkpoints' / 'step_000010.pt'), '--out-dir', str(out), '--max-steps', '20'])
-    assert r.returncode == 0, r.stderr[-3000:]
-    got, ref = losses(out), losses(one)
+    got, ref = losses(out), losses(src)
     assert sorted(got) == list(range(11, 21))
     assert max(abs(got[s] - ref[s]) / ref[s] for s in got) < 1e-5
 
