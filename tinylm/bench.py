@@ -190,7 +190,7 @@ def resume_times(trainer: Trainer, train_dl, folder, near_step: int = 10, far_st
     ck.pop('path')
     bpe, paths = len(train_dl.batch_sampler), {}
     for name, step in (('near', near_step), ('far', far_step)):   # same weights; only step and data position differ
-        ck['step'], ck['data'] = step, {'epoch': step // bpe, 'position': step % bpe}
+        ck['step'], ck['sampler'] = step, {'epoch': step // bpe, 'position': step % bpe}
         torch.save(ck, paths.setdefault(name, folder / f'{name}.pt'))
     rng, cfg = capture_rng(), trainer.config.with_overrides(max_steps=max(near_step, far_step) + 1)
     args = (cfg, train_dl.dataset, trainer.val_dataloader.dataset, trainer.device)

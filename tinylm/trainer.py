@@ -91,7 +91,7 @@ def hook_name(h) -> str:
 class CheckpointError(TinyLMError, ValueError): "A checkpoint that cannot be used: missing, corrupt, foreign or too new."
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'tinylm-checkpoint', 1
-_REQUIRED = ('step', 'config', 'model', 'optimizer', 'tokenizer', 'rng', 'data', 'run_id')
+_REQUIRED = ('step', 'config', 'model', 'optimizer', 'tokenizer', 'rng', 'sampler', 'run_id')
 
 def _fsync_dir(d: Path):
     try:
@@ -367,7 +367,7 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
     return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION,
             'step': self.step, 'run_id': self.run_id, 'config': self.config.to_dict(),
             'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'tokenizer': tok.state_dict(), 'rng': capture_rng(), 'data': self.data_state(),
+            'tokenizer': tok.state_dict(), 'rng': capture_rng(), 'sampler': self.data_state(),
             'best_val_loss': float(self.best_val_loss),
             'last_val_loss': None if self.last_val_loss is None else float(self.last_val_loss),
             'data_sha256': self.data_sha256, 'world_size': self.world_size,
@@ -416,7 +416,7 @@ def from_checkpoint(cls, path, val_dataloader=None, hooks=None, config: Training
     trainer.last_val_loss = ckpt.get('last_val_loss')
     trainer.data_sha256, trainer.resumed_from = ckpt.get('data_sha256'), where
     trainer.last_checkpoint = Path(where)
-    trainer._pending_data_state = dict(ckpt['data'])
+    trainer._pending_data_state = dict(ckpt['sampler'])
     restore_rng(ckpt['rng'])
     return trainer
 
