@@ -22,10 +22,10 @@ from .optim import create_optimizer, lr_at, set_lr
 __all__ = ['EVENTS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'DeviceError', 'pick_device', 'autocast_dtype', 'capture_rng',
            'restore_rng', 'Hook', 'hook_name', 'CheckpointError', 'atomic_write', 'atomic_save', 'find_checkpoints',
            'resolve_checkpoint', 'load_checkpoint', 'unwrap_model', 'TrainingDiverged', 'Trainer', 'training_step',
-           'evaluate', 'sample', 'data_state', 'fit', 'checkpoint_state', 'save_checkpoint', 'model_from_checkpoint',
-           'from_checkpoint', 'Evaluator', 'Sampler', 'Checkpointer', 'GracefulStop', 'utc_now', 'git_commit',
-           'JsonlLogger', 'ConsoleLogger', 'default_hooks', 'ProgressBar', 'tensorboard_writer_class',
-           'TensorBoardLogger']
+           'evaluate', 'sample', 'data_state', 'begin', 'end', 'fit', 'checkpoint_state', 'save_checkpoint',
+           'model_from_checkpoint', 'from_checkpoint', 'Evaluator', 'Sampler', 'Checkpointer', 'GracefulStop',
+           'utc_now', 'git_commit', 'JsonlLogger', 'ConsoleLogger', 'default_hooks', 'ProgressBar',
+           'tensorboard_writer_class', 'TensorBoardLogger']
 
 # %% ../nbs/05_trainer.ipynb #557686af
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -224,6 +224,7 @@ def _to(t, device):
 def training_step(self: Trainer, batch):
     "One optimizer step on `batch` (an `(x, y)` pair or a list of micro-batch pairs); returns the detached loss."
     micro = batch if isinstance(batch, list) else [batch]
+    if self.status != 'running': self.begin()   # a hand-written loop: start the run on its first step
     t0 = time.perf_counter()
     self.fire('before_step')
     self.lr = lr_at(self.step + 1, self.config)
@@ -317,17 +318,31 @@ def data_state(self: Trainer):
     if bs is not None and hasattr(bs, 'state_dict'): return bs.state_dict()
     return self._pending_data_state or {}
 
+def begin(self: Trainer, train_loader=None, max_steps: int | None = None):
+    "Start a run: put `train_loader`'s sampler where the checkpoint left it, then fire `before_fit`."
+    self.max_steps = self.config.max_steps if max_steps is None else max_steps
+    if train_loader is not None:
+        self.train_loader = train_loader
+        bs = getattr(train_loader, 'batch_sampler', None)
+        if self._pending_data_state and bs is not None and hasattr(bs, 'load_state_dict'):
+            bs.load_state_dict(self._pending_data_state)
+            self._pending_data_state = None
+    self.status, self.t_start, self.start_step = 'running', time.time(), self.step
+    self.fire('before_fit')
+    return self
+
+def end(self: Trainer, status: str | None = None):
+    "Finish a run begun with `begin`: record its status, fire `after_fit`, then `teardown`."
+    self.status = status or ('completed' if self.step >= self.max_steps else 'interrupted')
+    try: self.fire('after_fit')
+    finally: self._fire_after_failure('teardown')
+    return self
+
 def fit(self: Trainer, train_loader, max_steps: int | None = None):
     "Train until `max_steps` total steps (default `config.max_steps`) or a stop request."
-    max_steps = self.config.max_steps if max_steps is None else max_steps
-    self.train_loader, self.max_steps = train_loader, max_steps
-    bs = getattr(train_loader, 'batch_sampler', None)
-    if self._pending_data_state and bs is not None and hasattr(bs, 'load_state_dict'):
-        bs.load_state_dict(self._pending_data_state)
-        self._pending_data_state = None
-    self.status, self.t_start, self.start_step = 'running', time.time(), self.step
     try:
-        self.fire('before_fit')
+        self.begin(train_loader, max_steps)
+        max_steps = self.max_steps
         with _fork_rng(self.device): batches = iter(train_loader)   # DataLoader.__iter__ draws from the global RNG
         accum = self.config.grad_accum_steps
         while self.step < max_steps and not self._should_stop():
@@ -357,7 +372,7 @@ def _should_stop(self: Trainer) -> bool:
         return bool(agreed)   # the agreed answer, never the local flag: a signal may land after the all-reduce
     return self.stop_requested
 
-Trainer.data_state, Trainer.fit, Trainer._should_stop = data_state, fit, _should_stop
+Trainer.data_state, Trainer.begin, Trainer.end, Trainer.fit, Trainer._should_stop = data_state, begin, end, fit, _should_stop
 
 # %% ../nbs/05_trainer.ipynb #bf41c36c
 def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
@@ -566,7 +581,7 @@ def default_hooks():
     "Hooks a bare Trainer gets: evaluation, sampling and console lines (no files written)."
     return [Evaluator(), Sampler(), ConsoleLogger()]
 
-# %% ../nbs/05_trainer.ipynb #14ea597f
+# %% ../nbs/05_trainer.ipynb #ab797ab9
 class ProgressBar(ConsoleLogger):
     "A tqdm bar over the run's steps; other console messages are printed above it."
     order = 5   # advance the bar before evaluation or sampling print their lines
@@ -594,7 +609,7 @@ class ProgressBar(ConsoleLogger):
         self.bar.close()
         super().after_fit(t)
 
-# %% ../nbs/05_trainer.ipynb #73e0bda1
+# %% ../nbs/05_trainer.ipynb #9985f3b5
 def tensorboard_writer_class():
     "`SummaryWriter`, or a clear error if the optional `tensorboard` package is missing."
     try:
