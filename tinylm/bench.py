@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainingConfig, TinyLMError, ConfigError, load_config
+from .config import TrainingConfig, TinyLMError, ConfigError, load_config, CLIParser, print_error, report_error
 from .tokenizer import Tokenizer
 from .data import load_text, make_dataloaders
 from .optim import lr_at, set_lr
@@ -329,14 +329,9 @@ def format_report(r: dict) -> str:
     w = max(len(k) for k, _ in rows)
     return '\n'.join(f"{k:<{w}}  {v}" for k, v in rows)
 
-# %% ../nbs/11_bench.ipynb #f38ed4d1
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
-
+# %% ../nbs/11_bench.ipynb #55fe61ec
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog='tinylm_bench', description='Measure training speed, MFU, memory, tokenizer, checkpoint and '
+    p = CLIParser(prog='tinylm_bench', description='Measure training speed, MFU, memory, tokenizer, checkpoint and '
                 'start-up times of tinylm on this machine.',
                 epilog='Examples:\n  tinylm_bench\n  tinylm_bench --threads 1 --json bench.json\n'
                        '  tinylm_bench --compile --steps 100\n  tinylm_bench --set n_layer=6 --skip-big-corpus',
@@ -385,7 +380,7 @@ def _check_args(args):
     if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
         raise ConfigError(f"--json: the folder of {args.json} does not exist")   # say so now, not after the run
 
-def _err(msg): print(f"error: {msg}", file=sys.stderr, flush=True)
+_err = print_error
 
 def main(argv=None) -> int:
     "Run `tinylm_bench` with `argv`; print the table (and write JSON); returns the exit status."
@@ -400,15 +395,8 @@ def main(argv=None) -> int:
         print(format_report(res), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2) + '\n', encoding='utf-8')
-    except TinyLMError as e: _err(str(e)); return 1
     except KeyboardInterrupt: _err("interrupted"); return 130
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, 'filename', None) else ''
-        _err(f"{e.strerror or e}{where}"); return 1
-    except Exception as e:
-        if os.environ.get('TINYLM_DEBUG'): import traceback; traceback.print_exc()
-        _err(f"unexpected {type(e).__name__}: {e} (this is a bug in tinylm; TINYLM_DEBUG=1 shows the traceback)")
-        return 1
+    except Exception as e: return report_error(e)
     return 0
 
 def cli():
