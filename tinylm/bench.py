@@ -106,7 +106,6 @@ def step_breakdown(trainer: Trainer, train_dl, steps: int = 30) -> dict:
     batches, n_micro = iter(train_dl), cfg.grad_accum_steps
     model.train()
     for _ in range(steps):
-        t = {k: 0.0 for k in parts}
         for _ in range(n_micro):
             with parts['data']:
                 x, y = next(batches); x, y = _to(x, dev), _to(y, dev)

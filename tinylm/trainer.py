@@ -189,6 +189,7 @@ class Trainer:
         self.step, self.run_id, self.best_val_loss = 0, uuid.uuid4().hex[:12], math.inf
         self.last_loss = self.last_val_loss = self.last_sample = self.last_checkpoint = None
         self.lr, self.train_seconds, self.step_seconds = None, 0.0, 0.0
+        self.last_eval_step = self.last_sample_step = None
         self.resumed_from, self.data_sha256, self.status, self.error = None, None, 'created', None
         self.stop_requested, self.stop_signal = False, None
         self.train_loader, self._pending_data_state = None, None
@@ -205,8 +206,8 @@ class Trainer:
             fn = getattr(h, event, None)
             if fn is not None: fn(self)
 
-    def _fire_after_failure(self, event='after_fit'):
-        "`event` after an exception: every hook gets its turn, and none can mask the original error."
+    def _fire_safely(self, event: str):
+        "`event` after an exception (or for `teardown`): every hook gets its turn, none can mask the original error."
         for h in self.hooks:
             fn = getattr(h, event, None)
             if fn is None: continue
@@ -335,31 +336,23 @@ def end(self: Trainer, status: str | None = None):
     "Finish a run begun with `begin`: record its status, fire `after_fit`, then `teardown`."
     self.status = status or ('completed' if self.step >= self.max_steps else 'interrupted')
     try: self.fire('after_fit')
-    finally: self._fire_after_failure('teardown')
+    finally: self._fire_safely('teardown')
     return self
 
 def fit(self: Trainer, train_loader, max_steps: int | None = None):
     "Train until `max_steps` total steps (default `config.max_steps`) or a stop request."
     try:
         self.begin(train_loader, max_steps)
-        max_steps = self.max_steps
         with _fork_rng(self.device): batches = iter(train_loader)   # DataLoader.__iter__ draws from the global RNG
         accum = self.config.grad_accum_steps
-        while self.step < max_steps and not self._should_stop():
+        while self.step < self.max_steps and not self._should_stop():
             batch = next(batches) if accum == 1 else [next(batches) for _ in range(accum)]
             self.training_step(batch)
-        self.status = 'completed' if self.step >= max_steps else 'interrupted'
-    except KeyboardInterrupt as e:
-        self.status, self.error = 'interrupted', e
-        self._fire_after_failure()
+    except BaseException as e:   # Ctrl+C without the GracefulStop hook, or a real failure
+        self.status, self.error = ('interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'), e
+        self._fire_safely('after_fit'); self._fire_safely('teardown')
         raise
-    except BaseException as e:
-        self.status, self.error = 'failed', e
-        self._fire_after_failure()
-        raise
-    else: self.fire('after_fit')
-    finally: self._fire_after_failure('teardown')
-    return self
+    return self.end()
 
 def _should_stop(self: Trainer) -> bool:
     "Stop now? With several processes, all ranks agree (all-reduce max of the requesting signal number)."
@@ -437,26 +430,24 @@ def from_checkpoint(cls, path, val_dataloader=None, hooks=None, config: Training
 
 Trainer.from_checkpoint = from_checkpoint
 
-# %% ../nbs/05_trainer.ipynb #08499a56
+# %% ../nbs/05_trainer.ipynb #4a0bd8c6
 class Evaluator(Hook):
-    "Evaluate every `eval_cadence` steps and at the end of a completed run."
+    "Evaluate every `eval_cadence` steps and at the end of a completed run (unless this step was just evaluated)."
     order = 10
-    def before_fit(self, t): self.last = None
     def after_step(self, t):
         c = t.config.eval_cadence
-        if c and t.step % c == 0: t.evaluate(); self.last = t.step
+        if c and t.step % c == 0: t.evaluate()
     def after_fit(self, t):
-        if t.status == 'completed' and self.last != t.step and t.val_dataloader is not None: t.evaluate()
+        if t.status == 'completed' and t.last_eval_step != t.step and t.val_dataloader is not None: t.evaluate()
 
 class Sampler(Hook):
-    "Generate `sample_length` characters every `sampling_cadence` steps and at the end of a completed run."
+    "Sample `sample_length` characters every `sampling_cadence` steps and at the end of a completed run."
     order = 20
-    def before_fit(self, t): self.last = None
     def after_step(self, t):
         c = t.config.sampling_cadence
-        if c and t.config.sample_length and t.step % c == 0: t.sample(); self.last = t.step
+        if c and t.config.sample_length and t.step % c == 0: t.sample()
     def after_fit(self, t):
-        if t.status == 'completed' and self.last != t.step and t.config.sample_length and t.tokenizer is not None:
+        if t.status == 'completed' and t.last_sample_step != t.step and t.config.sample_length and t.tokenizer:
             t.sample()
 
 # %% ../nbs/05_trainer.ipynb #c8fdd6e6
