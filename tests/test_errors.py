@@ -40,6 +40,22 @@ def _foreign_ckpt(ctx):
 def _pickled_ckpt(ctx):
     p = ctx.tmp / 'pickled.pt'; torch.save({'format': 'tinylm-checkpoint', 'where': Path('/x')}, p); return p
 
+def _no_text(ctx):
+    p = ctx.tmp / 'no_text'; p.mkdir(); (p / 'notes.md').write_text('not a .txt file\n'); return p
+
+def _v1_ckpt(ctx):
+    "A checkpoint as tinylm 0.1 wrote it: format version 1, the data position as (epoch, position)."
+    ck = torch.load(ctx.last_ckpt, weights_only=True)
+    p = ctx.tmp / 'v1.pt'; torch.save({**ck, 'version': 1, 'sampler': {'epoch': 0, 'position': REF_STEPS}}, p); return p
+
+def _laughs(ctx):
+    "A 1 KB YAML file that expands to ~10**7 strings (the 'billion laughs' shape, 7 levels of 10 aliases)."
+    text = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    for i in range(1, 8):
+        prev, cur = chr(ord('a') + i - 1), chr(ord('a') + i)
+        text += f"{cur}: &{cur} [{', '.join(['*' + prev] * 10)}]\n"
+    return ctx.file('laughs.yaml', 'n_layer: *h\n' + text)
+
 def _shuffled(ctx):
     lines = ctx.corpus.read_text(encoding='utf-8').splitlines()
     return ctx.file('reordered.txt', '\n'.join(reversed(lines)) + '\n')
@@ -48,7 +64,7 @@ CASES = {
     # --- data
     'missing data file': ('fresh', lambda c: c.fresh(data=c.tmp / 'nope.txt'), 'not found'),
     'empty data file': ('fresh', lambda c: c.fresh(data=c.file('empty.txt', b'')), 'empty'),
-    'directory as data': ('fresh', lambda c: c.fresh(data=c.tmp), 'directory'),
+    'folder without *.txt as data': ('fresh', lambda c: c.fresh(data=_no_text(c)), 'holds no *.txt files'),
     'non-UTF-8 data': ('fresh', lambda c: c.fresh(data=c.file('latin1.txt', 'café au lait\n'.encode('latin-1') * 200)),
                        'UTF-8'),
     'corpus too short for block_size': ('fresh', lambda c: c.fresh(data=c.file('short.txt', 'to be or not\n' * 3)),
@@ -67,6 +83,11 @@ CASES = {
     'dropout 1.5': ('fresh', lambda c: c.fresh('--set', 'dropout=1.5'), 'dropout'),
     'wrong type': ('fresh', lambda c: c.fresh('--set', 'n_layer=two'), 'n_layer'),
     '--set without =': ('fresh', lambda c: c.fresh('--set', 'dropout'), 'KEY=VALUE'),
+    'YAML aliases (billion laughs)': ('fresh', lambda c: c.fresh('--config', _laughs(c)), 'aliases'),
+    'a huge wrong-typed value': ('fresh', lambda c: c.fresh('--set', f"n_layer={list(range(100_000))}"),
+                                 "'n_layer' expects int, got list"),
+    'a huge unknown key': ('fresh', lambda c: c.fresh('--set', 'x' * 100_000 + '=1'), 'unknown config key'),
+    'neither a file nor a recipe': ('fresh', lambda c: c.fresh('--config', 'modrn'), 'bundled recipes: '),
     # --- checkpoints
     'missing checkpoint': ('resume', lambda c: c.resume(src=c.tmp / 'nope.pt'), 'not found'),
     'folder without checkpoints': ('resume', lambda c: c.resume(src=c.folder('empty_run')), 'no checkpoint'),
@@ -78,6 +99,9 @@ CASES = {
     'text file as checkpoint': ('resume', lambda c: c.resume(src=c.file('notes.pt', 'hello\n')), 'notes.pt'),
     'non-tinylm torch file': ('resume', lambda c: c.resume(src=_foreign_ckpt(c)), 'not a tinylm checkpoint'),
     'checkpoint needing pickle': ('resume', lambda c: c.resume(src=_pickled_ckpt(c)), ('pickled.pt', 'weights_only')),
+    'format version 1 checkpoint': ('resume', lambda c: c.resume('--max-steps', 60, src=_v1_ckpt(c)),
+                                    ('v1.pt', 'format version 1', 'tinylm_sample')),
+    '--overwrite with --resume': ('resume', lambda c: c.resume('--max-steps', 60, '--overwrite'), 'cannot be combined'),
     # --- resuming
     'max-steps equal to checkpoint step': ('resume', lambda c: c.resume('--max-steps', REF_STEPS), 'larger --max-steps'),
     'max-steps below checkpoint step': ('resume', lambda c: c.resume('--max-steps', 10), 'larger --max-steps'),
@@ -95,12 +119,12 @@ CASES = {
         ('vocabulary', 'new_chars.txt')),
     'fresh run into a folder with checkpoints': ('existing', lambda c: ['--data', c.corpus, '--out-dir', c.saved.out,
                                                                         '--max-steps', 4, *tiny_args()],
-                                                 ('already holds checkpoints', '--resume')),
+                                                 ('already holds checkpoints', '--resume', '--overwrite')),
 }
 
 # the ones that are also run through the installed command (slower: a new process each)
 VIA_CLI = ['missing data file', 'bad YAML syntax', 'unknown key on command line', 'truncated checkpoint',
-           'resume changing n_layer', 'fresh run into a folder with checkpoints']
+           'resume changing n_layer', 'fresh run into a folder with checkpoints', 'YAML aliases (billion laughs)']
 
 
 def check_case(name, ctx, runner):
@@ -110,6 +134,7 @@ def check_case(name, ctx, runner):
     rc, out, err = runner(argv)
     line = assert_clean_error(rc, out, err, 1, contains)
     assert len(line) > len('error: ') + 10, line
+    assert len(err) < 600, f"an error message of {len(err)} characters: {err[:300]}..."   # bounded, whatever the input
     after = snapshot(ctx.saved.out)
     assert after == before, f"the saved run was modified: {set(after.items()) ^ set(before.items())}"
     if kind == 'fresh': assert not ctx.fresh_out.exists(), "a failed new run created its out_dir"

@@ -4,7 +4,7 @@ import torch
 
 from tinylm.config import TrainingConfig
 from tinylm.data import WindowDataset, make_dataloaders, split_corpus
-from tinylm.trainer import autocast_dtype, pick_device, DeviceError
+from tinylm.device import autocast_dtype, pick_device, DeviceError
 
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):

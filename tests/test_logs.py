@@ -19,14 +19,14 @@ CLI_HOOKS = {'GracefulStop', 'Evaluator', 'Sampler', 'Checkpointer', 'ConsoleLog
 def is_float(v): return isinstance(v, float) and math.isfinite(v)
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def expected_git_commit():
-    pkg = Path(tinylm.__file__).resolve().parent
-    try:
-        top = subprocess.run(['git', '-C', str(pkg), 'rev-parse', '--show-toplevel'], capture_output=True, text=True)
-        head = subprocess.run(['git', '-C', str(pkg), 'rev-parse', 'HEAD'], capture_output=True, text=True)
-    except OSError: return None
-    if top.returncode or head.returncode or Path(top.stdout.strip()).resolve() != pkg.parent: return None
-    return head.stdout.strip()
+    "HEAD of this checkout when tinylm is imported from it (an editable install, as in CI); None for a package."
+    if Path(tinylm.__file__).resolve().parent != REPO / 'tinylm': return None
+    return subprocess.run(['git', '-C', str(REPO), 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def check_common(records):
@@ -52,6 +52,7 @@ def check_run_start(r, config: TrainingConfig, corpus: Path, resumed_from):
     gc = r['git_commit']
     assert gc is None or (isinstance(gc, str) and re.fullmatch(r'[0-9a-f]{40}', gc)), gc
     assert gc == expected_git_commit()
+    assert r['tinylm_version'] == tinylm.__version__
     assert isinstance(r['hooks'], list) and all(isinstance(h, str) for h in r['hooks'])
     assert set(r['hooks']) == CLI_HOOKS
     assert r['resumed_from'] == (None if resumed_from is None else str(resumed_from))
@@ -122,8 +123,8 @@ def test_resumed_run_appends_with_same_run_id(run_a, corpus):
     check_run_start(second[0], cfg2, corpus, ck12)
     assert second[0]['resumed_from'] == events(first, 'checkpoint')[-1]['path']   # the file the first part saved last
     check_events(second, cfg2, SHORT_STEPS + 1, REF_STEPS)
-    assert first[0]['config_hash'] != second[0]['config_hash']   # max_steps differs, nothing else
     assert {k for k in first[0]['config'] if first[0]['config'][k] != second[0]['config'][k]} == {'max_steps'}
+    assert first[0]['config_hash'] == second[0]['config_hash']   # max_steps says when to stop, not what is computed
 
 
 def test_every_line_round_trips_exactly(ref_run, run_a):

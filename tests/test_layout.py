@@ -1,0 +1,80 @@
+"""The book's layout: chapters import only from earlier chapters, modules stay small, and `__all__` holds what users
+import (no method spread over cells with @patch leaks out as a bare function)."""
+import ast, importlib, inspect, re
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / 'tinylm'
+MODULES = sorted(p for p in PKG.glob('*.py') if p.name not in ('__init__.py', '_modidx.py'))
+
+
+def chapter(path: Path) -> int:
+    "The chapter number of a module, from the `File to edit: ../nbs/NN_name.ipynb` line nbdev writes at its top."
+    m = re.search(r'File to edit: \.\./nbs/(\d+)_\w+\.ipynb', path.read_text(encoding='utf-8'))
+    assert m, f"{path.name} has no 'File to edit' header: was it written by hand?"
+    return int(m.group(1))
+
+
+def imported_modules(path: Path) -> set[str]:
+    "The tinylm modules `path` imports (`from .x import`, `from tinylm.x import`, `import tinylm.x`)."
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module: found.add(node.module.split('.')[0])
+            elif node.module and node.module.startswith('tinylm.'): found.add(node.module.split('.')[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split('.')[1] for a in node.names if a.name.startswith('tinylm.')}
+    return found
+
+
+def test_every_module_comes_from_a_numbered_chapter():
+    numbers = {p.stem: chapter(p) for p in MODULES}
+    assert len(set(numbers.values())) == len(numbers), f"two modules share a chapter: {numbers}"
+
+
+@pytest.mark.parametrize('path', MODULES, ids=lambda p: p.stem)
+def test_no_forward_import(path):
+    own = chapter(path)
+    for name in imported_modules(path):
+        other = PKG / f'{name}.py'
+        assert other.is_file(), f"{path.name} imports tinylm.{name}, which does not exist"
+        assert chapter(other) < own, (f"{path.name} (chapter {own}) imports tinylm.{name} (chapter {chapter(other)}): "
+                                      "a chapter may only import from earlier chapters")
+
+
+@pytest.mark.parametrize('path', MODULES, ids=lambda p: p.stem)
+def test_modules_are_small(path):
+    n = len(path.read_text(encoding='utf-8').splitlines())
+    assert n <= 350, f"{path.name} has {n} lines (at most 350)"
+
+
+def test_no_method_leaks_into_all():
+    "A function attached to a class with @patch is a method, not something `from tinylm.x import *` should bring."
+    mods = [importlib.import_module(f'tinylm.{p.stem}') for p in MODULES]
+    classes = [c for m in mods for _, c in inspect.getmembers(m, inspect.isclass) if c.__module__.startswith('tinylm.')]
+    for m in mods:
+        assert hasattr(m, '__all__'), m.__name__
+        for name in m.__all__:
+            obj = getattr(m, name)
+            for c in classes:
+                attr = inspect.getattr_static(c, name, None)
+                attr = getattr(attr, '__func__', attr)           # classmethods
+                assert not (attr is not None and attr is obj), f"{m.__name__}.__all__ exports {name}, a method of {c.__name__}"
+
+
+def test_star_import_of_the_trainer_shadows_no_module():
+    import tinylm.trainer as t
+    assert not {'fit', 'begin', 'end', 'sample', 'evaluate', 'training_step', 'from_checkpoint'} & set(t.__all__)
+    assert {'Trainer', 'Hook', 'Evaluator', 'Sampler', 'Checkpointer', 'GracefulStop'} <= set(t.__all__)
+
+
+def test_specification_names_import_from_where_they_always_did():
+    from tinylm.trainer import Trainer
+    from tinylm.data import WindowDataset, make_dataloaders, load_text
+    from tinylm.tokenizer import Tokenizer
+    from tinylm.model import Transformer
+    from tinylm.optim import create_optimizer
+    from tinylm.config import TrainingConfig
+    from tinylm.main import main, build_trainer
+    assert all(callable(x) for x in (Trainer.fit, Trainer.training_step, Trainer.save_checkpoint, Trainer.from_checkpoint))
