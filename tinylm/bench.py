@@ -20,7 +20,7 @@ from .measure import (setup, time_training, step_breakdown, peak_memory, matmul_
 # %% auto #0
 __all__ = ['main', 'cli', 'benchmark', 'format_report', 'make_parser', 'bench_config', 'run']
 
-# %% ../nbs/17_bench.ipynb #43ea7ea2
+# %% ../nbs/17_bench.ipynb #2f0bce88
 def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdown_steps: int = 30,
               big_corpus_mb: float = 100.0, startup: bool = True, matmul_n: int | None = None,
               prepare_mb: float = 0, log=print) -> dict:
@@ -33,7 +33,7 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
     res = dict(machine=machine_info(dev), config=config.to_dict(),
                model=dict(n_params=model.num_params(), flops_per_token=model.flops_per_token(),
                           vocab_size=model.vocab_size, optimizer=getattr(trainer.optimizer, 'impl', None),
-                          optimizer_name=config.optimizer if hasattr(config, 'optimizer') else 'adamw'))
+                          optimizer_name=config.optimizer))
     log(f"tinylm_bench: {steps} timed steps after {warmup} warm-up steps...")
     res['training'] = time_training(trainer, train_dl, steps=steps, warmup=warmup)
     res['breakdown'] = step_breakdown(trainer, train_dl, steps=breakdown_steps)
@@ -69,7 +69,7 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
         with tempfile.TemporaryDirectory(prefix='tinylm_bench_') as d: res['prepare'] = prepare_times(config, prepare_mb, d)
     return res
 
-# %% ../nbs/17_bench.ipynb #122293c3
+# %% ../nbs/17_bench.ipynb #4a20449c
 def _ms(s): return f"{s * 1e3:,.1f} ms"
 
 def format_report(r: dict) -> str:
@@ -115,7 +115,8 @@ def format_report(r: dict) -> str:
         p = r['prepare']
         rows.append((f"prepared corpus ({p['mb']:,.0f} MB)", f"prepared at {p['prepare_mb_s']:,.0f} MB/s, peak RSS "
                      f"{p['prepare_peak_rss_mb']:,.0f} MB, {p['disk_mb']:,.0f} MB on disk | a run on it: first step "
-                     f"{p['to_first_step_s']:.2f} s after launch, peak RSS {p['run_peak_rss_mb']:,.0f} MB"))
+                     f"{p['to_first_step_s']:.2f} s after launch, peak RSS {p['run_peak_rss_mb']:,.0f} MB; a resume: next step "
+                     f"{p['resume_to_step_s']:.2f} s after launch"))
     w = max(len(k) for k, _ in rows)
     return '\n'.join(f"{k:<{w}}  {v}" for k, v in rows)
 

@@ -65,9 +65,11 @@ def bundled_recipes() -> list[str]:
     "Names of the recipes shipped with the package (`--config NAME`)."
     return sorted(p.stem for p in RECIPES_DIR.glob('*.yaml'))
 
-# %% ../nbs/00_config.ipynb #50a79415
+# %% ../nbs/00_config.ipynb #34af22fc
 _DEVICE_RE = re.compile(r'^(auto|cpu|mps|cuda(:\d+)?)$')
-_CHOICES = {'precision': ('auto', 'float32', 'bfloat16', 'float16'), 'progress': ('auto', 'bar', 'plain', 'none')}
+_CHOICES = {'precision': ('auto', 'float32', 'bfloat16', 'float16'), 'progress': ('auto', 'bar', 'plain', 'none'),
+            'pos_emb': ('learned', 'rope'), 'norm': ('layernorm', 'rmsnorm'), 'activation': ('gelu', 'relu2'),
+            'optimizer': ('adamw', 'muon'), 'lr_schedule': ('cosine', 'wsd')}
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -87,19 +89,31 @@ class TrainingConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False               # biases in Linear and LayerNorm layers
+    pos_emb: str = 'learned'         # learned | rope (rotary: no position table)
+    norm: str = 'layernorm'          # layernorm | rmsnorm (parameter-free)
+    qk_norm: bool = False            # RMS-normalise each head's queries and keys
+    activation: str = 'gelu'         # gelu | relu2 (the square of a ReLU)
+    tie_embeddings: bool = True      # the output head shares the token embedding matrix
+    zero_init: bool = False          # output projections (and an untied head) start at zero
     # -- optimizer and schedule
-    learning_rate: float = 1e-3      # peak learning rate, reached after warm-up
-    min_lr: float = 1e-4             # floor of the cosine decay
-    weight_decay: float = 0.1
+    optimizer: str = 'adamw'         # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    learning_rate: float = 1e-3      # peak learning rate (AdamW's), reached after warm-up
+    min_lr: float = 1e-4             # floor of the decay
+    weight_decay: float = 0.1        # AdamW's, on matrices and embeddings
     beta1: float = 0.9
     beta2: float = 0.99
+    muon_lr: float = 0.02            # Muon's peak learning rate (optimizer: muon)
+    muon_momentum: float = 0.95      # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.0   # Muon's decoupled weight decay
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
+    lr_schedule: str = 'cosine'      # cosine | wsd (warm-up, stable, linear decay)
     warmup_steps: int = 100
-    lr_decay_steps: int = 2000       # horizon of the cosine schedule (independent of max_steps)
+    lr_decay_steps: int = 2000       # horizon of the schedule (independent of max_steps)
+    decay_fraction: float = 0.3      # wsd: the last fraction of lr_decay_steps decays linearly to min_lr
     # -- cadences (in optimizer steps)
     log_cadence: int = 10
     eval_cadence: int = 250
-    eval_batches: int = 20
+    eval_batches: int = 20           # batches per evaluation; 0 = the whole validation split
     sampling_cadence: int = 500
     sample_length: int = 200
     sample_seed: int = 42
@@ -163,17 +177,19 @@ def _unknown_key_message(key, names, source='config'):
     hint = f" — did you mean '{close[0]}'?" if close else f" (valid fields: {', '.join(names)})"
     return f"{source}: unknown config key {brief(key)}{hint}"
 
-# %% ../nbs/00_config.ipynb #fb08c49a
+# %% ../nbs/00_config.ipynb #ccf4d6a7
 def _check_values(c: TrainingConfig):
     "Refuse impossible values with a message naming the field, the value and the rule."
     def need(cond, msg):
         if not cond: raise ConfigError(msg)
     for n in ('max_steps', 'batch_size', 'grad_accum_steps', 'block_size', 'n_layer', 'n_head', 'n_embd',
-              'lr_decay_steps', 'log_cadence', 'eval_batches', 'keep_checkpoints'):
+              'lr_decay_steps', 'log_cadence', 'keep_checkpoints'):
         need(getattr(c, n) > 0, f"config field '{n}' must be a positive integer, got {getattr(c, n)}")
-    for n in ('warmup_steps', 'eval_cadence', 'sampling_cadence', 'sample_length', 'checkpoint_cadence', 'threads'):
+    for n in ('warmup_steps', 'eval_cadence', 'eval_batches', 'sampling_cadence', 'sample_length', 'checkpoint_cadence',
+              'threads'):
         need(getattr(c, n) >= 0, f"config field '{n}' must be >= 0, got {getattr(c, n)}")
-    for n in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'val_fraction', 'dropout', 'beta1', 'beta2'):
+    for n in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'val_fraction', 'dropout', 'beta1', 'beta2',
+              'muon_lr', 'muon_momentum', 'muon_weight_decay', 'decay_fraction'):
         need(math.isfinite(getattr(c, n)), f"config field '{n}' must be a finite number, got {getattr(c, n)}")
     need(c.n_embd % c.n_head == 0,
          f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}): each head gets n_embd / n_head dimensions")
@@ -184,8 +200,13 @@ def _check_values(c: TrainingConfig):
          f"config field 'min_lr' must be in [0, learning_rate={c.learning_rate}], got {c.min_lr}")
     need(c.weight_decay >= 0, f"config field 'weight_decay' must be >= 0, got {c.weight_decay}")
     need(c.grad_clip >= 0, f"config field 'grad_clip' must be >= 0 (0 disables clipping), got {c.grad_clip}")
-    for n in ('beta1', 'beta2'):
+    for n in ('beta1', 'beta2', 'muon_momentum'):
         need(0 <= getattr(c, n) < 1, f"config field '{n}' must be in [0, 1), got {getattr(c, n)}")
+    need(c.muon_lr > 0, f"config field 'muon_lr' must be > 0, got {c.muon_lr}")
+    need(c.muon_weight_decay >= 0, f"config field 'muon_weight_decay' must be >= 0, got {c.muon_weight_decay}")
+    need(0 < c.decay_fraction <= 1, f"config field 'decay_fraction' must be in (0, 1], got {c.decay_fraction}")
+    need(c.pos_emb != 'rope' or (c.n_embd // c.n_head) % 2 == 0,
+         f"pos_emb: rope needs an even head size (n_embd / n_head), got {c.n_embd} / {c.n_head} = {c.n_embd // c.n_head}")
     need(c.data_path != '', "config field 'data_path' must not be empty")
     need(c.out_dir != '', "config field 'out_dir' must not be empty")
     need(bool(_DEVICE_RE.match(c.device)),

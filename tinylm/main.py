@@ -27,10 +27,11 @@ from .cli import CLIParser, run_command, exit_with, say
 __all__ = ['RESUMABLE_FIELDS', 'make_parser', 'cli_overrides', 'build_config', 'seed_everything', 'standard_hooks', 'load_hook',
            'prepare_data', 'check_fresh_out_dir', 'clear_run', 'build_trainer', 'TrainSession', 'main', 'cli']
 
-# %% ../nbs/11_main.ipynb #0b507f17
+# %% ../nbs/11_main.ipynb #49c9c900
 def make_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='tinylm_train', description='Train a small character-level GPT; resume it exactly.',
                 epilog='Examples:\n  tinylm_train --max-steps 100\n  tinylm_train --resume out --max-steps 200\n'
+                       '  tinylm_train --config modern --out-dir modern   # Muon, rotary positions, QK-norm\n'
                        '  tinylm_train --config run.yaml --set dropout=0.1 --set n_layer=6\n'
                        f"\nBundled recipes (--config NAME): {', '.join(bundled_recipes())}",
                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -216,7 +216,7 @@ def startup_time(config: TrainingConfig, folder, timeout: float = 600, env: dict
     return dict(to_run_start_s=ts(start) - t0, to_first_step_s=ts(first) - t0, total_wall_s=wall,
                 peak_rss_mb=recs[-1].get('peak_rss_mb'))
 
-# %% ../nbs/16_measure.ipynb #0aa87ef2
+# %% ../nbs/16_measure.ipynb #47e3e6c3
 def write_corpus(path, mb: float, text: str | None = None) -> Path:
     "Write `text` (default: the bundled corpus) repeated to about `mb` MB (10**6 bytes) at `path`, piece by piece."
     if not mb > 0: raise ValueError(f"corpus size must be > 0 MB, got {mb}")
@@ -242,9 +242,15 @@ def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 36
         raise TinyLMError(f"preparing the corpus failed: {(p.stderr.strip().splitlines() or ['(no output)'])[-1]}")
     prep = json.loads(p.stdout)
     run = startup_time(config.with_overrides(data_path=str(corpus)), folder / 'run', env=env)
+    t0 = time.time()   # and a resume of that run: to its next step
+    r = subprocess.run([*train_command(), '--resume', str(folder / 'run'), '--max-steps', '2'], capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    if r.returncode != 0: raise TinyLMError(f"resuming failed: {(r.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+    step2 = next(x for x in read_log(folder / 'run') if x['event'] == 'step' and x['step'] == 2)
     return dict(mb=mb, prepare_s=prep['seconds'], prepare_mb_s=mb / prep['seconds'], prepare_peak_rss_mb=prep['peak_rss_mb'],
                 tokens=prep['tokens'], disk_mb=sum(f.stat().st_size for f in (folder / 'cache').rglob('*') if f.is_file()) / 1e6,
-                to_first_step_s=run['to_first_step_s'], run_peak_rss_mb=run['peak_rss_mb'])
+                to_first_step_s=run['to_first_step_s'], run_peak_rss_mb=run['peak_rss_mb'],
+                resume_to_step_s=datetime.datetime.fromisoformat(step2['ts']).timestamp() - t0)
 
 # %% ../nbs/16_measure.ipynb #440ca478
 def machine_info(device) -> dict:

@@ -12,13 +12,29 @@ from fastcore.basics import patch
 from .config import TinyLMError
 
 # %% auto #0
-__all__ = ['ModelError', 'CausalSelfAttention', 'MLP', 'Block', 'Transformer', 'check_sampling_args']
+__all__ = ['ModelError', 'rope_tables', 'apply_rope', 'CausalSelfAttention', 'ReLUSquared', 'MLP', 'make_norm', 'Block',
+           'Transformer', 'check_sampling_args']
 
 # %% ../nbs/04_model.ipynb #0f494319
 class ModelError(TinyLMError, ValueError):
     "A bad argument passed to the model (wrong shape, too-long sequence, invalid sampling setting)."
 
-# %% ../nbs/04_model.ipynb #28a4ff30
+# %% ../nbs/04_model.ipynb #d538201c
+def rope_tables(block_size: int, head_size: int, base: float = 10000.0):
+    "Cosines and sines `(block_size, head_size // 2)` of the rotation angles `t * base**(-2i/head_size)`."
+    if head_size % 2: raise ModelError(f"rotary embeddings need an even head size, got {head_size}")
+    freqs = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+def apply_rope(x, cos, sin):
+    "Rotate the channel pairs (i, i + d/2) of `x` (B, T, ..., d) by the angles of each position (dimension 1)."
+    x1, x2 = x.chunk(2, dim=-1)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (-1,)   # broadcast over batch and heads
+    c, s_ = cos[:x.shape[1]].view(shape), sin[:x.shape[1]].view(shape)
+    return torch.cat([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1)
+
+# %% ../nbs/04_model.ipynb #ccdc85b0
 class CausalSelfAttention(nn.Module):
     "Multi-head self-attention in which each position attends only to itself and earlier positions."
     def __init__(self, config):
@@ -30,61 +46,83 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)      # mixes the heads
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm, self.rope = config.qk_norm, config.pos_emb == 'rope'
+        if self.rope:   # buffers, not parameters: computed, never learned, never saved
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size): heads become a batch dimension for the attention kernel
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        hs = C // self.n_head
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)   # q, k, v of every head
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]
+        if self.qk_norm: qk = F.rms_norm(qk, (hs,))
+        if self.rope: qk = apply_rope(qk, self.rope_cos, self.rope_sin)
+        # (B, T, n_head, head_size) -> (B, n_head, T, head_size): heads become a batch dimension for the kernel
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # put the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-# %% ../nbs/04_model.ipynb #7704ef3e
+# %% ../nbs/04_model.ipynb #15e06c71
+class ReLUSquared(nn.Module):
+    "relu(x)², the MLP activation of the Primer paper and of modded-nanogpt."
+    def forward(self, x): return F.relu(x).square()
+
 class MLP(nn.Module):
-    "Position-wise feed-forward network: n_embd -> 4*n_embd -> GELU -> n_embd, then dropout."
+    "Position-wise feed-forward network: n_embd -> 4*n_embd -> GELU or ReLU² -> n_embd, then dropout."
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.act = ReLUSquared() if config.activation == 'relu2' else nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x): return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+    def forward(self, x): return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
-# %% ../nbs/04_model.ipynb #5e6494c1
+# %% ../nbs/04_model.ipynb #97bacf67
+def make_norm(config) -> nn.Module:
+    "The normalisation layer `config.norm` asks for: LayerNorm (gain, optional bias) or a parameter-free RMSNorm."
+    if config.norm == 'rmsnorm': return nn.RMSNorm(config.n_embd, elementwise_affine=False)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+# %% ../nbs/04_model.ipynb #d1ef6998
 class Block(nn.Module):
     "One transformer layer: x + attn(ln_1(x)), then x + mlp(ln_2(x))."
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/04_model.ipynb #e41f5d07
+# %% ../nbs/04_model.ipynb #f3cf41f4
 class Transformer(nn.Module):
-    "Decoder-only GPT: token + position embeddings, `n_layer` pre-norm blocks, final LayerNorm, tied output head."
+    "Decoder-only GPT: token (+ position) embeddings, `n_layer` pre-norm blocks, final norm, (tied) output head."
     def __init__(self, vocab_size: int, config):
         super().__init__()
         if vocab_size < 1: raise ModelError(f"vocab_size must be at least 1, got {vocab_size}")
         self.config, self.vocab_size, self.block_size = config, vocab_size, config.block_size
         self.tok_emb = nn.Embedding(vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == 'learned' else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying: one tensor, two roles
+        if config.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one tensor, two roles
         self.apply(self._init_weights)
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight'): nn.init.normal_(p, mean=0.0, std=resid_std)
+            if name.endswith('c_proj.weight'):
+                if config.zero_init: nn.init.zeros_(p)
+                else: nn.init.normal_(p, mean=0.0, std=resid_std)
+        if config.zero_init and not config.tie_embeddings: nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(m):
@@ -98,8 +136,9 @@ class Transformer(nn.Module):
         if T > self.block_size:
             raise ModelError(f"sequence length {T} is longer than the model's block_size {self.block_size}; "
                              "crop the input to the last block_size tokens")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C) + (T, C) broadcasts over the batch
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None: x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, C) broadcasts
+        x = self.drop(x)
         for block in self.blocks: x = block(x)
         logits = self.lm_head(self.ln_f(x))
         if targets is None: return logits, None
@@ -108,12 +147,15 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-# %% ../nbs/04_model.ipynb #d01f7c37
+# %% ../nbs/04_model.ipynb #670b635e
 @patch
 def num_params(self: Transformer, non_embedding: bool = False) -> int:
-    "Number of parameters, the tied embedding/head counted once; `non_embedding` leaves out the position table."
+    "Number of parameters, a tied embedding/head counted once; `non_embedding` leaves out the tables that are only looked up."
     n = sum(p.numel() for p in self.parameters())
-    return n - self.pos_emb.weight.numel() if non_embedding else n
+    if non_embedding:
+        if self.pos_emb is not None: n -= self.pos_emb.weight.numel()
+        if self.lm_head.weight is not self.tok_emb.weight: n -= self.tok_emb.weight.numel()   # untied: the head counts
+    return n
 
 @patch
 def flops_per_token(self: Transformer) -> int:

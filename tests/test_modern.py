@@ -1,0 +1,89 @@
+"""The modern recipe end to end: bundled recipes by name, Muon + AdamW with every model option, exact resume with
+dropout on, DDP equal to one process, torch.compile, and the whole-split evaluation in bits per character."""
+from __future__ import annotations
+import json, math, subprocess, sys
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, env, losses, read_jsonl, run_cli, segments, tiny_args
+
+# the tiny model with every modern option on
+MODERN = dict(optimizer='muon', pos_emb='rope', norm='rmsnorm', qk_norm='true', activation='relu2',
+              tie_embeddings='false', zero_init='true', muon_lr=0.02, lr_schedule='wsd', decay_fraction=0.5,
+              min_lr=0.0)
+
+
+def test_bundled_recipes_by_name(corpus, tmp_path):
+    help_text = run_cli(['--help']).stdout
+    assert 'Bundled recipes (--config NAME): modern, nanogpt' in help_text
+    out = tmp_path / 'modern'
+    p = run_cli(['--config', 'modern', '--data', corpus, '--out-dir', out, '--max-steps', 3,
+                 '--set', 'eval_batches=2', '--set', 'sample_length=10', '--set', 'compile=false', '--set', 'threads=1'])
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = read_jsonl(out / 'train.jsonl')[0]['config']
+    assert config['optimizer'] == 'muon' and config['pos_emb'] == 'rope' and config['n_embd'] == 128
+    assert config['max_steps'] == 3 and config['eval_batches'] == 2     # the flags apply on top of the recipe
+    p = run_cli(['--config', 'moden', '--data', corpus, '--out-dir', tmp_path / 'x'])
+    assert_clean_error(p.returncode, p.stdout, p.stderr, 1, ("'moden' is neither a file nor a bundled recipe",
+                                                              'bundled recipes: modern, nanogpt'))
+
+
+def test_muon_run_resumes_bit_identically(corpus, tmp_path):
+    "Muon's momentum buffers and AdamW's moments both travel in the checkpoint: 12 straight == 6 + resume + 6."
+    straight = run_cli(['--data', corpus, '--out-dir', tmp_path / 'a', '--max-steps', 12, *tiny_args(**MODERN)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli(['--data', corpus, '--out-dir', tmp_path / 'b', '--max-steps', 6, *tiny_args(**MODERN)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    ck = torch.load(tmp_path / 'b' / 'checkpoints' / 'step_000006.pt', weights_only=True)
+    assert set(ck['optimizer']) == {'muon', 'adamw'} and ck['optimizer']['muon']['state']
+    second = run_cli(['--resume', tmp_path / 'b', '--max-steps', 12])
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = losses(read_jsonl(tmp_path / 'a' / 'train.jsonl'))
+    b1, b2 = segments(read_jsonl(tmp_path / 'b' / 'train.jsonl'))
+    assert sorted(a) == list(range(1, 13))
+    assert {**losses(b1), **losses(b2)} == a, "the resumed Muon run is not the straight run"
+
+
+def test_muon_under_torchrun_equals_one_process(corpus, tmp_path):
+    from test_distributed import TINY, torchrun, single, losses as dlosses
+    modern = [x for k, v in MODERN.items() for x in ('--set', f'{k}={v}')]
+    r = torchrun(['--data', str(corpus), '--max-steps', '8', '--out-dir', str(tmp_path / 'two'), *TINY, *modern])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = single(['--data', str(corpus), '--max-steps', '8', '--out-dir', str(tmp_path / 'one'), *TINY, *modern])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = dlosses(tmp_path / 'one'), dlosses(tmp_path / 'two')
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert max(abs(a[s] - b[s]) / a[s] for s in a) < 1e-4
+
+
+def test_muon_with_compile(corpus, tmp_path):
+    p = run_cli(['--data', corpus, '--out-dir', tmp_path / 'c', '--max-steps', 4, *tiny_args(**MODERN, compile='true')],
+                timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = torch.load(tmp_path / 'c' / 'checkpoints' / 'step_000004.pt', weights_only=True)
+    assert not any(k.startswith('_orig_mod.') for k in ck['model']) and set(ck['optimizer']) == {'muon', 'adamw'}
+
+
+def test_whole_split_evaluation_in_bits_per_character(corpus, tmp_path):
+    "eval_batches: 0 predicts every character of the validation split once; every eval record carries val_bpc."
+    out = tmp_path / 'whole'
+    p = run_cli(['--data', corpus, '--out-dir', out, '--max-steps', 4, *tiny_args(eval_batches=0)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    evals = [r for r in read_jsonl(out / 'train.jsonl') if r['event'] == 'eval']
+    assert evals and all(r['val_bpc'] == r['val_loss'] / math.log(2) for r in evals)
+    assert 'bpc' in p.stdout
+    # the same number, recomputed by hand from the checkpoint: the mean loss over all non-overlapping windows
+    from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
+    from tinylm.data import split_corpus
+    ck = load_checkpoint(out)
+    model, tok, cfg = model_from_checkpoint(ck)
+    _, val = split_corpus(tok.encode(corpus.read_text(encoding='utf-8')), cfg.val_fraction)
+    val = torch.from_numpy(val.astype('int64'))
+    T, total, n = cfg.block_size, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(val) - T, T):
+            _, loss = model(val[s:s + T][None], val[s + 1:s + T + 1][None])
+            total += loss.item() * T; n += T
+    assert abs(evals[-1]['val_loss'] - total / n) < 1e-5, (evals[-1]['val_loss'], total / n)
