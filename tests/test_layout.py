@@ -43,6 +43,25 @@ def test_no_forward_import(path):
                                       "a chapter may only import from earlier chapters")
 
 
+NOTEBOOKS = sorted((PKG.parent / 'nbs').glob('[0-9][0-9]_*.ipynb'))
+
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_chapter_reads_ahead(nb, tmp_path):
+    "Every code cell of chapter NN, exported or not, imports only from chapters up to NN: the book reads in order."
+    import json
+    own = int(nb.name[:2])
+    code = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text(encoding='utf-8'))['cells']
+                     if c['cell_type'] == 'code')
+    code = '\n'.join(l for l in code.splitlines() if not l.lstrip().startswith(('%', '!')))   # IPython magics
+    script = tmp_path / 'cells.py'
+    script.write_text(code, encoding='utf-8')
+    for name in imported_modules(script):
+        other = PKG / f'{name}.py'
+        assert other.is_file(), f"{nb.name} imports tinylm.{name}, which does not exist"
+        assert chapter(other) <= own, (f"{nb.name} imports tinylm.{name} from the later chapter {chapter(other)}")
+
+
 @pytest.mark.parametrize('path', MODULES, ids=lambda p: p.stem)
 def test_modules_are_small(path):
     n = len(path.read_text(encoding='utf-8').splitlines())
