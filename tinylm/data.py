@@ -135,9 +135,10 @@ class KeyedPermutation:
             out = y >= self.n
         return y.astype(np.int64)
 
-# %% ../nbs/03_data.ipynb #e4de18a2
+# %% ../nbs/03_data.ipynb #d96b1390
 class EpochBatchSampler:
     "Endless, resumable stream of batches of window indices; epoch `e` visits the windows in a keyed permutation."
+    BLOCK_BATCHES = 64   # batches whose indices are computed together: a few KB, and numpy's overhead paid once per block
     def __init__(self, n_windows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  drop_last: bool = True):
         self.n_windows = _check_int('n_windows', n_windows, 1)
@@ -157,6 +158,7 @@ class EpochBatchSampler:
                                   else math.ceil(self.n_windows / self.batch_size))
         self.epoch, self.position = 0, 0
         self._perm = (None, None)   # (epoch, its KeyedPermutation)
+        self._block = (None, None)  # ((epoch, block), the window indices of that block of batches)
 
     def permutation(self, epoch: int) -> KeyedPermutation:
         "The order of epoch `epoch`: window `permutation(epoch)(i)` is the `i`-th of the epoch."
@@ -169,9 +171,14 @@ class EpochBatchSampler:
         return torch.from_numpy(self.permutation(epoch)(np.arange(self.n_windows)))
 
     def _batch(self, epoch: int, position: int) -> torch.Tensor:
-        "This rank's slice of global batch `position` of `epoch`: `per_rank` windows, computed one by one."
-        start = position * self.batch_size + self.rank * self.per_rank
-        return torch.from_numpy(self.permutation(epoch)(np.arange(start, start + self.per_rank) % self.n_windows))
+        "This rank's slice of global batch `position` of `epoch`, from the block of `BLOCK_BATCHES` batches it falls in."
+        block, first = divmod(position, self.BLOCK_BATCHES)
+        if self._block[0] != (epoch, block):
+            start = block * self.BLOCK_BATCHES * self.batch_size
+            count = min(self.BLOCK_BATCHES, self.batches_per_epoch - block * self.BLOCK_BATCHES) * self.batch_size
+            self._block = ((epoch, block), self.permutation(epoch)(np.arange(start, start + count) % self.n_windows))
+        at = first * self.batch_size + self.rank * self.per_rank
+        return torch.from_numpy(self._block[1][at:at + self.per_rank].copy())
 
     def __iter__(self):
         "Yield int64 tensors of window indices, forever (epoch after epoch), from the current state."

@@ -17,11 +17,15 @@ from .trainer import Hook, hook_name
 __all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'ConsoleLogger', 'ProgressBar', 'repair_log', 'JsonlLogger',
            'LogError', 'read_log', 'tensorboard_writer_class', 'TensorBoardLogger']
 
-# %% ../nbs/09_loggers.ipynb #e4f9a754
+# %% ../nbs/09_loggers.ipynb #58d28edd
 def utc_now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds')
 
 def peak_rss_mb() -> float | None:
     "The peak resident memory of this process so far, in MB (None where the OS does not say)."
+    try:   # Linux: this program's own high-water mark
+        with open('/proc/self/status', encoding='ascii') as f:
+            return next(int(l.split()[1]) for l in f if l.startswith('VmHWM:')) / 2**10
+    except (OSError, StopIteration, ValueError, IndexError): pass
     try: import resource
     except ImportError: return None   # Windows
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

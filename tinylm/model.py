@@ -34,7 +34,7 @@ def apply_rope(x, cos, sin):
     c, s_ = cos[:x.shape[1]].view(shape), sin[:x.shape[1]].view(shape)
     return torch.cat([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1)
 
-# %% ../nbs/04_model.ipynb #ccdc85b0
+# %% ../nbs/04_model.ipynb #e12288bb
 class CausalSelfAttention(nn.Module):
     "Multi-head self-attention in which each position attends only to itself and earlier positions."
     def __init__(self, config):
@@ -55,12 +55,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         hs = C // self.n_head
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)   # q, k, v of every head
-        qk, v = qkv[:, :, :2], qkv[:, :, 2]
+        # (B, T, 3 * n_head, head_size): the heads of q, then of k, then of v; split (not indexed: see below)
+        qk, v = self.c_attn(x).view(B, T, 3 * self.n_head, hs).split([2 * self.n_head, self.n_head], dim=2)
         if self.qk_norm: qk = F.rms_norm(qk, (hs,))
         if self.rope: qk = apply_rope(qk, self.rope_cos, self.rope_sin)
+        q, k = qk.split(self.n_head, dim=2)
         # (B, T, n_head, head_size) -> (B, n_head, T, head_size): heads become a batch dimension for the kernel
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # put the heads side by side again

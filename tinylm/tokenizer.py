@@ -31,7 +31,7 @@ def _describe(c: str) -> str:
     "A character as people read it: its repr and its code point, e.g. `'é' (U+00E9)`."
     return f"{c!r} (U+{ord(c):04X})"
 
-# %% ../nbs/01_tokenizer.ipynb #31c25a7d
+# %% ../nbs/01_tokenizer.ipynb #82f50d20
 class Tokenizer:
     "Character-level tokenizer: the id of a character is its index in the sorted, unique string `chars`."
     def __init__(self, chars: str):
@@ -58,18 +58,29 @@ class Tokenizer:
         self._ascii = np.full(128, -1, dtype=np.int32)
         is_ascii = self._cps < 128
         self._ascii[self._cps[is_ascii]] = np.flatnonzero(is_ascii)
+        # and as `bytes.translate` tables: the known ASCII bytes, and byte -> id (ASCII ids are < 128: chars are sorted)
+        self._ascii_known = bytes(self._cps[is_ascii].tolist())
+        self._ascii_map = bytes(np.maximum(self._ascii, 0).tolist()) + bytes(128)
 
     @classmethod
     def from_text(cls, text: str) -> Tokenizer:
         "The tokenizer whose vocabulary is the sorted set of characters in `text`."
         if not isinstance(text, str): raise TokenizerError(f"text must be a str, got {type(text).__name__}")
         if not text: raise TokenizerError("cannot build a vocabulary from empty text")
-        seen, other = np.zeros(128, dtype=bool), set()
+        return cls(cls.chars_of(text))
+
+    @staticmethod
+    def chars_of(text: str, known: str = '') -> str:
+        "The sorted set of the characters of `text` and of `known` (a vocabulary built so far, e.g. over earlier chunks)."
+        seen = known.encode('ascii', 'ignore')   # the ASCII bytes met so far; the other characters
+        other = {c for c in known if c > '\x7f'}
         for start in range(0, len(text), _SLICE):
             part = text[start:start + _SLICE]
-            if part.isascii(): seen |= np.bincount(np.frombuffer(part.encode('ascii'), np.uint8), minlength=128) > 0
+            if part.isascii():
+                new = part.encode('ascii').translate(None, seen)   # the bytes not met before: usually none
+                if new: seen += bytes(np.flatnonzero(np.bincount(np.frombuffer(new, np.uint8))).tolist())
             else: other.update(part)
-        return cls(''.join(sorted(other | {chr(c) for c in np.flatnonzero(seen)})))
+        return ''.join(sorted(other | set(seen.decode('ascii'))))
 
     @property
     def chars(self) -> str: return self._chars
@@ -81,7 +92,7 @@ class Tokenizer:
     def __hash__(self): return hash(self._chars)
     def __repr__(self): return f"Tokenizer(vocab_size={self.vocab_size})"
 
-# %% ../nbs/01_tokenizer.ipynb #5e44b48f
+# %% ../nbs/01_tokenizer.ipynb #3cadb917
 @patch
 def encode(self: Tokenizer, text: str, offset: int = 0) -> np.ndarray:
     "Ids of the characters of `text` as a 1-D array of `self.dtype`; an unknown character raises `TokenizerError`, its position counted from `offset`."
@@ -89,7 +100,12 @@ def encode(self: Tokenizer, text: str, offset: int = 0) -> np.ndarray:
     out = np.empty(len(text), dtype=self.dtype)
     for start in range(0, len(text), _SLICE):
         part = text[start:start + _SLICE]
-        if part.isascii(): ids = self._ascii[np.frombuffer(part.encode('ascii'), dtype=np.uint8)]
+        if part.isascii():
+            data = part.encode('ascii')
+            if not data.translate(None, self._ascii_known):   # every byte is a known character: translate them in C
+                out[start:start + len(part)] = np.frombuffer(data.translate(self._ascii_map), dtype=np.uint8)
+                continue
+            ids = self._ascii[np.frombuffer(data, dtype=np.uint8)]   # some are not: find the first one below
         else: ids = self._table[np.minimum(_codepoints(part, offset + start), len(self._table) - 1)]  # -1 sentinel if too big
         unknown = ids < 0
         if unknown.any():
