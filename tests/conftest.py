@@ -5,7 +5,7 @@ whole suite stays well under a few minutes on a 2-core machine. The expensive st
 made once per session and compared, bit for bit, with runs that are resumed, interrupted or repeated.
 """
 from __future__ import annotations
-import hashlib, json, os, random, shutil, subprocess, sys, time
+import hashlib, json, os, random, shutil, subprocess, time
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -1,8 +1,7 @@
 """Corpora bigger than memory: a folder of text files as one corpus, prepared memory-mapped token files used by runs,
 resumes and torchrun ranks (with the same numbers as the in-memory path), clear errors, and bounded memory."""
 from __future__ import annotations
-import hashlib, json, os, subprocess, sys
-from pathlib import Path
+import hashlib, subprocess
 
 import pytest
 

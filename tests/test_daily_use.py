@@ -1,6 +1,5 @@
 """Daily use: sampling from a checkpoint, loss plots, progress display, TensorBoard."""
 import fcntl, json, os, pty, struct, subprocess, sys, termios
-from pathlib import Path
 
 import pytest
 

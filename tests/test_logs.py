@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 import tinylm
-from conftest import REF_STEPS, SHORT_STEPS, TINY, cli_run, events, read_jsonl, segments
+from conftest import REF_STEPS, SHORT_STEPS, TINY, cli_run, events, segments
 
 from tinylm.config import TrainingConfig, config_hash
 from tinylm.model import Transformer

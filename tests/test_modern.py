@@ -1,12 +1,11 @@
 """The modern recipe end to end: bundled recipes by name, Muon + AdamW with every model option, exact resume with
 dropout on, DDP equal to one process, torch.compile, and the whole-split evaluation in bits per character."""
 from __future__ import annotations
-import json, math, subprocess, sys
+import math
 
-import pytest
 import torch
 
-from conftest import assert_clean_error, env, losses, read_jsonl, run_cli, segments, tiny_args
+from conftest import assert_clean_error, losses, read_jsonl, run_cli, segments, tiny_args
 
 # the tiny model with every modern option on
 MODERN = dict(optimizer='muon', pos_emb='rope', norm='rmsnorm', qk_norm='true', activation='relu2',

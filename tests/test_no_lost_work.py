@@ -1,7 +1,7 @@
 """Nothing lost, ever: a closed terminal (SIGHUP), two processes aimed at one run folder, a full disk, shared
 clusters (file modes), a second run in the same folder (--overwrite), and logs torn by a kill."""
 from __future__ import annotations
-import errno, fcntl, json, os, pty, shutil, signal, stat, subprocess, sys, termios, time
+import errno, fcntl, json, os, pty, shutil, signal, stat, subprocess, termios, time
 from pathlib import Path
 
 import pytest
@@ -176,9 +176,9 @@ def test_a_failing_save_everywhere_is_one_clear_line(corpus, tmp_path, monkeypat
     out = tmp_path / 'enospc'
     rc = main([str(a) for a in ['--data', corpus, '--out-dir', out, '--max-steps', 12, *tiny_args(checkpoint_cadence=4)]])
     _, err = capsys.readouterr()
-    line = assert_clean_error(rc, '', err, 1, (f"cannot write {out}/checkpoints/step_000008.pt: no space left on the "
-                                               "device; resume from the last good checkpoint with: tinylm_train --resume "
-                                               f"{out}/checkpoints/step_000004.pt",))
+    assert_clean_error(rc, '', err, 1, (f"cannot write {out}/checkpoints/step_000008.pt: no space left on the "
+                                        "device; resume from the last good checkpoint with: tinylm_train --resume "
+                                        f"{out}/checkpoints/step_000004.pt",))
     assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['latest', 'step_000004.pt']
     end = read_jsonl(out / 'train.jsonl')[-1]
     assert end['event'] == 'run_end' and end['status'] == 'failed' and 'no space left on the device' in end['error']

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math, random, re
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import (REF_STEPS, TINY, cli_run, events, losses, read_jsonl, run_cli, tiny_args)

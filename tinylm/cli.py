@@ -41,10 +41,10 @@ def report_error(e: BaseException, prefix: str = '') -> int:
     print_error(msg, prefix)
     return EXIT_ERROR
 
-# %% ../nbs/10_cli.ipynb #eb001012
-def _silence_stdout():
-    "Point stdout at /dev/null, so that flushing it at exit cannot fail again (the reader is gone)."
-    try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+# %% ../nbs/10_cli.ipynb #db5340d9
+def _silence(stream):
+    "Point `stream` at /dev/null, so that flushing it at exit cannot fail again (the reader is gone)."
+    try: os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     except (OSError, ValueError, AttributeError): pass
 
 def run_command(parser: argparse.ArgumentParser, run, argv=None, prefix='', on_interrupt=None) -> int:
@@ -58,7 +58,7 @@ def run_command(parser: argparse.ArgumentParser, run, argv=None, prefix='', on_i
         if msg: print_error(msg, pre())
         return EXIT_INTERRUPTED
     except BrokenPipeError:   # the reader went away (`| head`): stop quietly, and don't fail again at exit
-        _silence_stdout()
+        _silence(sys.stdout)
         return EXIT_BROKEN_PIPE
     except Exception as e: return report_error(e, pre())
 
@@ -66,9 +66,7 @@ def exit_with(status: int):
     "End the process with `status`, flushing output first; if the terminal is gone, leave quietly with that status."
     for stream in (sys.stdout, sys.stderr):
         try: stream.flush()
-        except (OSError, ValueError):
-            try: os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-            except (OSError, ValueError, AttributeError): pass
+        except (OSError, ValueError): _silence(stream)
     sys.exit(status)
 
 def command(make_parser, run, before=None, **kw):

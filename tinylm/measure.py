@@ -117,10 +117,11 @@ def step_breakdown(trainer: Trainer, train_dl, steps: int = 30) -> dict:
     out['steps'] = steps
     return out
 
-# %% ../nbs/15_measure.ipynb #9ed3afe3
+# %% ../nbs/15_measure.ipynb #62138e35
 def peak_memory(device='cpu') -> dict:
     "Peak memory so far: process RSS in MB (CPU) and, on CUDA, peak allocated GPU memory in MB."
-    out = {} if peak_rss_mb() is None else {'peak_rss_mb': peak_rss_mb()}
+    rss = peak_rss_mb()
+    out = {} if rss is None else {'peak_rss_mb': rss}
     device = torch.device(device)
     if device.type == 'cuda': out['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -188,13 +189,25 @@ def resume_times(trainer: Trainer, train_dl, folder, near_step: int = 10, far_st
     n, f = statistics.median(times['near']), statistics.median(times['far'])
     return dict(near_step=near_step, near_s=n, far_step=far_step, far_s=f, far_epoch=far_step // bpe, ratio=f / n)
 
-# %% ../nbs/15_measure.ipynb #f79fdc1d
+# %% ../nbs/15_measure.ipynb #5d72a8af
 _NOT_PASSED = {'out_dir', 'max_steps', 'data_path', 'log_cadence', 'eval_batches', 'sample_length', 'progress'}
 
 def train_command() -> list[str]:
     "How to launch `tinylm_train`: the console script if it is on PATH, else `python -m tinylm.main`."
     exe = shutil.which('tinylm_train')
     return [exe] if exe else [sys.executable, '-m', 'tinylm.main']
+
+def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    "Run `cmd`, capturing its output; a failure is a `TinyLMError` quoting its exit status and last error line."
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        raise TinyLMError(f"{what} failed with exit status {p.returncode}: "
+                          f"{(p.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+    return p
+
+def _when(record: dict) -> float:
+    "A log record's `ts` as seconds since the epoch (comparable with `time.time()`)."
+    return datetime.datetime.fromisoformat(record['ts']).timestamp()
 
 def startup_time(config: TrainingConfig, folder, timeout: float = 600, env: dict | None = None) -> dict:
     "Seconds from launching `tinylm_train --max-steps 1` to `run_start` and to the end of step 1, and its peak RSS."
@@ -204,19 +217,15 @@ def startup_time(config: TrainingConfig, folder, timeout: float = 600, env: dict
     for k, v in config.to_dict().items():
         if k not in _NOT_PASSED and v != getattr(default, k): cmd += ['--set', f'{k}={v}']
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    _run(cmd, 'tinylm_train', timeout=timeout, env=env)
     wall = time.time() - t0
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ['(no output)'])[-1]
-        raise TinyLMError(f"tinylm_train failed with exit status {p.returncode}: {last}")
     recs = read_log(folder)
-    ts = lambda r: datetime.datetime.fromisoformat(r['ts']).timestamp()
     start = next(r for r in recs if r['event'] == 'run_start')
     first = next(r for r in recs if r['event'] == 'step' and r['step'] == 1)
-    return dict(to_run_start_s=ts(start) - t0, to_first_step_s=ts(first) - t0, total_wall_s=wall,
+    return dict(to_run_start_s=_when(start) - t0, to_first_step_s=_when(first) - t0, total_wall_s=wall,
                 peak_rss_mb=recs[-1].get('peak_rss_mb'))
 
-# %% ../nbs/15_measure.ipynb #f5bba00d
+# %% ../nbs/15_measure.ipynb #099a3ee1
 def write_corpus(path, mb: float, text: str | None = None) -> Path:
     "Write `text` (default: the bundled corpus) repeated to about `mb` MB (10**6 bytes) at `path`, piece by piece."
     if not mb > 0: raise ValueError(f"corpus size must be > 0 MB, got {mb}")
@@ -236,21 +245,16 @@ def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 36
     folder = Path(folder)
     corpus = write_corpus(folder / 'big.txt', mb)
     env = {**os.environ, 'TINYLM_CACHE_DIR': str(folder / 'cache')}
-    p = subprocess.run([sys.executable, '-c', _PREPARE, str(corpus)], capture_output=True, text=True, env=env,
-                       timeout=timeout)
-    if p.returncode != 0:
-        raise TinyLMError(f"preparing the corpus failed: {(p.stderr.strip().splitlines() or ['(no output)'])[-1]}")
-    prep = json.loads(p.stdout)
+    prep = json.loads(_run([sys.executable, '-c', _PREPARE, str(corpus)], 'preparing the corpus', env=env,
+                           timeout=timeout).stdout)
     run = startup_time(config.with_overrides(data_path=str(corpus)), folder / 'run', env=env)
     t0 = time.time()   # and a resume of that run: to its next step
-    r = subprocess.run([*train_command(), '--resume', str(folder / 'run'), '--max-steps', '2'], capture_output=True,
-                       text=True, timeout=timeout, env=env)
-    if r.returncode != 0: raise TinyLMError(f"resuming failed: {(r.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+    _run([*train_command(), '--resume', str(folder / 'run'), '--max-steps', '2'], 'resuming', timeout=timeout, env=env)
     step2 = next(x for x in read_log(folder / 'run') if x['event'] == 'step' and x['step'] == 2)
     return dict(mb=mb, prepare_s=prep['seconds'], prepare_mb_s=mb / prep['seconds'], prepare_peak_rss_mb=prep['peak_rss_mb'],
                 tokens=prep['tokens'], disk_mb=sum(f.stat().st_size for f in (folder / 'cache').rglob('*') if f.is_file()) / 1e6,
                 to_first_step_s=run['to_first_step_s'], run_peak_rss_mb=run['peak_rss_mb'],
-                resume_to_step_s=datetime.datetime.fromisoformat(step2['ts']).timestamp() - t0)
+                resume_to_step_s=_when(step2) - t0)
 
 # %% ../nbs/15_measure.ipynb #3bef1b56
 def machine_info(device) -> dict:

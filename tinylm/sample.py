@@ -84,7 +84,7 @@ def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_token
         texts.append(''.join(chars))
     return texts
 
-# %% ../nbs/12_sample.ipynb #13791e1d
+# %% ../nbs/12_sample.ipynb #1149110f
 def make_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='tinylm_sample', description='Generate text from a tinylm checkpoint, streamed as it is sampled.',
                 epilog='Examples:\n  tinylm_sample --checkpoint out\n'
@@ -126,7 +126,7 @@ def run(args) -> int:
     check_request(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     prompt = read_prompt(args)
     model, tok, _ = load_model(args.checkpoint, args.device)
-    if prompt is None: prompt = '\n' if '\n' in tok.chars else tok.chars[0]
+    if prompt is None: prompt = tok.default_prompt
     encode_prompt(tok, prompt)   # fail before printing anything
     write_samples(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                   args.num_samples, args.seed)

@@ -141,6 +141,12 @@ def decode(self: Tokenizer, ids) -> str:
                              f"{self.vocab_size} characters (valid ids are 0..{self.vocab_size - 1})")
     return self._cps[arr].tobytes().decode('utf-32-le')
 
+# %% ../nbs/01_tokenizer.ipynb #ecea14f1
+@patch(as_prop=True)
+def default_prompt(self: Tokenizer) -> str:
+    "The prompt of a sample nobody gave one: a newline if the vocabulary has it, else its first character."
+    return '\n' if '\n' in self.chars else self.chars[0]
+
 # %% ../nbs/01_tokenizer.ipynb #70c2899d
 @patch
 def state_dict(self: Tokenizer) -> dict:
