@@ -1,11 +1,12 @@
 """The modern recipe end to end: bundled recipes by name, Muon + AdamW with every model option, exact resume with
 dropout on, DDP equal to one process, torch.compile, and the whole-split evaluation in bits per character."""
 from __future__ import annotations
-import math
+import json, math, shutil
+from pathlib import Path
 
 import torch
 
-from conftest import assert_clean_error, losses, read_jsonl, run_cli, segments, tiny_args
+from conftest import assert_clean_error, events, losses, make_corpus, read_jsonl, run_cli, segments, tiny_args
 
 # the tiny model with every modern option on
 MODERN = dict(optimizer='muon', pos_emb='rope', norm='rmsnorm', qk_norm='true', activation='relu2',
@@ -86,3 +87,50 @@ def test_whole_split_evaluation_in_bits_per_character(corpus, tmp_path):
             _, loss = model(val[s:s + T][None], val[s + 1:s + T + 1][None])
             total += loss.item() * T; n += T
     assert abs(evals[-1]['val_loss'] - total / n) < 1e-5, (evals[-1]['val_loss'], total / n)
+
+
+DATA = Path(__file__).parent / 'data'
+
+
+def test_muon_ns_dtype_is_logged_and_a_resume_may_choose_another(corpus, tmp_path):
+    "run_start names the Newton–Schulz dtype; a resume in another dtype continues and says which one was saved."
+    from tinylm.optim import muon_ns_dtype
+    auto = str(muon_ns_dtype('auto', 'cpu')).replace('torch.', '')
+    first = run_cli(['--data', corpus, '--out-dir', tmp_path / 'r', '--max-steps', 4, *tiny_args(**MODERN)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    other = 'float32' if auto == 'bfloat16' else 'bfloat16'
+    second = run_cli(['--resume', tmp_path / 'r', '--max-steps', 6, '--set', f'muon_ns_dtype={other}'])
+    assert second.returncode == 0, second.stderr[-3000:]
+    starts = events(read_jsonl(tmp_path / 'r' / 'train.jsonl'), 'run_start')
+    assert starts[0]['muon_ns_dtype'] == auto and 'muon_ns_dtype_saved' not in starts[0]
+    assert starts[0]['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
+    assert f'muon ({auto} Newton–Schulz' in starts[0]['optimizer']
+    assert (starts[1]['muon_ns_dtype'], starts[1]['muon_ns_dtype_saved']) == (other, auto)
+    assert sorted(losses(read_jsonl(tmp_path / 'r' / 'train.jsonl'))) == list(range(1, 7))
+    p = run_cli(['--data', corpus, '--out-dir', tmp_path / 'x', *tiny_args(**MODERN, muon_ns_dtype='fp16')])
+    assert_clean_error(p.returncode, p.stdout, p.stderr, 1, "'muon_ns_dtype' must be one of auto, float32, bfloat16")
+    p = run_cli(['--data', corpus, '--out-dir', tmp_path / 'x', *tiny_args(**MODERN, muon_ns_steps=0)])
+    assert_clean_error(p.returncode, p.stdout, p.stderr, 1, "'muon_ns_steps' must be in [1, 50], got 0")
+
+
+def test_a_checkpoint_of_tinylm_0_1_0_resumes_exactly(tmp_path):
+    """A Muon checkpoint written by tinylm 0.1.0 (torch.optim.Muon, bfloat16) continues as that version would have:
+    bit for bit on the kind of machine it was written on, within float noise on another."""
+    from tinylm.optim import bf16_matmul_is_native
+    recorded = json.loads((DATA / 'muon_v0.1.0.json').read_text())
+    run = tmp_path / 'old'
+    (run / 'checkpoints').mkdir(parents=True)
+    shutil.copy(DATA / 'muon_v0.1.0_step6.pt', run / 'checkpoints' / 'step_000006.pt')
+    corpus = make_corpus(tmp_path / 'corpus.txt')       # the corpus it was trained on (make_corpus is deterministic)
+    p = run_cli(['--resume', run, '--max-steps', 12, '--data', corpus, '--set', 'muon_ns_dtype=bfloat16'])
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = {str(k): v for k, v in losses(read_jsonl(run / 'train.jsonl')).items()}
+    want = {k: v for k, v in recorded['straight_losses'].items() if int(k) > 6}
+    assert sorted(got, key=int) == sorted(want, key=int)
+    same_kind = (torch.backends.cpu.get_cpu_capability() == recorded['cpu_capability']
+                 and bf16_matmul_is_native('cpu') == recorded['bf16_native']
+                 and str(torch.__version__) == recorded['torch'])
+    if same_kind: assert got == want, "tinylm 0.1.0's Muon run does not continue bit for bit"
+    else: assert all(abs(got[k] - want[k]) <= 1e-3 * want[k] for k in want), (got, want)
+    start = events(read_jsonl(run / 'train.jsonl'), 'run_start')[0]
+    assert start['muon_ns_dtype'] == 'bfloat16' and 'muon_ns_dtype_saved' not in start

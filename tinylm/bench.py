@@ -15,7 +15,8 @@ from .device import unwrap_model, autocast_dtype
 from .main import cli_overrides
 from .cli import CLIParser, command, say
 from .measure import (setup, time_training, step_breakdown, peak_memory, matmul_ceiling, tokenizer_throughput,
-                            big_corpus, checkpoint_times, resume_times, startup_time, prepare_times, machine_info)
+                            big_corpus, checkpoint_times, resume_times, startup_time, prepare_times, machine_info,
+                            newton_schulz_times)
 
 # %% auto #0
 __all__ = ['main', 'cli', 'benchmark', 'format_report', 'make_parser', 'bench_config', 'run']
@@ -46,9 +47,12 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
     log("tinylm_bench: matmul ceiling...")
     amp = autocast_dtype(dev, config.precision)   # the dtype the matmuls of training run in (None: fp32)
     res['ceiling'] = {'float32': matmul_ceiling(matmul_n, device=dev)}
-    for dt in ([torch.bfloat16] if dev.type == 'cuda' else []) + ([amp] if amp is not None else []):
+    emulated = not res['machine']['bf16_matmul_native']   # emulated bf16 is ~80x slower: a smaller product says as much
+    for dt in [torch.bfloat16] + ([amp] if amp is not None else []):
         name = str(dt).replace('torch.', '')
-        if name not in res['ceiling']: res['ceiling'][name] = matmul_ceiling(matmul_n, dtype=dt, device=dev)
+        n = min(matmul_n or 512, 512) if emulated and dt == torch.bfloat16 else matmul_n
+        if name not in res['ceiling']: res['ceiling'][name] = matmul_ceiling(n, dtype=dt, device=dev)
+    if config.optimizer == 'muon': res['newton_schulz'] = newton_schulz_times(model, config)
     key = str(amp).replace('torch.', '') if amp is not None else 'float32'
     ceiling = res['ceiling'][key]['best_gflops']
     res['mfu'] = dict(ceiling=key, ceiling_gflops=ceiling, model_gflops=res['training']['model_gflops'],
@@ -77,6 +81,8 @@ def format_report(r: dict) -> str:
     m, c, t, b = r['machine'], r['config'], r['training'], r['breakdown']
     rows = [('machine', f"{m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['threads']} thread{'s' * (m['threads'] != 1)}, "
                         f"device {m['device']}{' (' + m['device_name'] + ')' if m.get('device_name') else ''}"),
+            ('arithmetic', f"CPU capability {m['cpu_capability']} (flags: {', '.join(m['cpu_flags']) or 'none listed'}); "
+                           f"bfloat16 matmul {'native' if m['bf16_matmul_native'] else 'emulated'} on {m['device']}"),
             ('model', f"{c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, block {c['block_size']}, "
                       f"batch {c['batch_size']}x{c['grad_accum_steps']}, {r['model']['n_params']:,} params, "
                       f"{r['model']['flops_per_token'] / 1e6:.2f} MFLOP/token, {r['model']['optimizer_name']} "
@@ -85,6 +91,11 @@ def format_report(r: dict) -> str:
     for k, v in r['ceiling'].items():
         rows.append((f'matmul ceiling ({k})', f"{v['n']}^3: best {v['best_gflops']:,.1f} GFLOP/s, "
                                               f"median {v['median_gflops']:,.1f} GFLOP/s"))
+    if 'newton_schulz' in r:
+        ns = r['newton_schulz']
+        rows.append(('Newton–Schulz', f"{ns['matrices']} matrices in {ns['shapes']} stacks, {ns['steps']} x "
+                                      f"{ns['coefficients']}: float32 {ns['float32_ms']:,.1f} ms, bfloat16 "
+                                      f"{ns['bfloat16_ms']:,.1f} ms; this run uses {ns['chosen']}"))
     rows += [('step time', f"median {_ms(t['step_median_s'])} (min {_ms(t['step_min_s'])}, max {_ms(t['step_max_s'])}) "
                            f"over {t['step_n']} steps"),
              ('first step', _ms(t['first_step_s']) + (f" (compile ~{t['compile_s']:.1f} s)" if t['compile_s'] is not None else '')),

@@ -69,7 +69,8 @@ def bundled_recipes() -> list[str]:
 _DEVICE_RE = re.compile(r'^(auto|cpu|mps|cuda(:\d+)?)$')
 _CHOICES = {'precision': ('auto', 'float32', 'bfloat16', 'float16'), 'progress': ('auto', 'bar', 'plain', 'none'),
             'pos_emb': ('learned', 'rope'), 'norm': ('layernorm', 'rmsnorm'), 'activation': ('gelu', 'relu2'),
-            'optimizer': ('adamw', 'muon'), 'lr_schedule': ('cosine', 'wsd')}
+            'optimizer': ('adamw', 'muon'), 'lr_schedule': ('cosine', 'wsd'),
+            'muon_ns_coefficients': ('muon', 'polar_express'), 'muon_ns_dtype': ('auto', 'float32', 'bfloat16')}
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -105,6 +106,9 @@ class TrainingConfig:
     muon_lr: float = 0.02            # Muon's peak learning rate (optimizer: muon)
     muon_momentum: float = 0.95      # Muon's Nesterov momentum
     muon_weight_decay: float = 0.0   # Muon's decoupled weight decay
+    muon_ns_steps: int = 5           # Newton–Schulz iterations per Muon step
+    muon_ns_coefficients: str = 'muon'  # muon (one quintic, every iteration) | polar_express (one per iteration)
+    muon_ns_dtype: str = 'auto'      # auto (bfloat16 where its matmul is native, else float32) | float32 | bfloat16
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
     lr_schedule: str = 'cosine'      # cosine | wsd (warm-up, stable, linear decay)
     warmup_steps: int = 100
@@ -203,6 +207,7 @@ def _check_values(c: TrainingConfig):
     for n in ('beta1', 'beta2', 'muon_momentum'):
         need(0 <= getattr(c, n) < 1, f"config field '{n}' must be in [0, 1), got {getattr(c, n)}")
     need(c.muon_lr > 0, f"config field 'muon_lr' must be > 0, got {c.muon_lr}")
+    need(1 <= c.muon_ns_steps <= 50, f"config field 'muon_ns_steps' must be in [1, 50], got {c.muon_ns_steps}")
     need(c.muon_weight_decay >= 0, f"config field 'muon_weight_decay' must be >= 0, got {c.muon_weight_decay}")
     need(0 < c.decay_fraction <= 1, f"config field 'decay_fraction' must be in (0, 1], got {c.decay_fraction}")
     need(c.pos_emb != 'rope' or (c.n_embd // c.n_head) % 2 == 0,

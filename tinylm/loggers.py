@@ -162,6 +162,9 @@ class JsonlLogger(Hook):
                    n_params=m.num_params(), vocab_size=t.tokenizer.vocab_size if t.tokenizer else m.vocab_size,
                    device=str(t.device), torch_version=str(torch.__version__), world_size=t.world_size,
                    max_steps=t.max_steps, tokens_per_step=t.tokens_per_step, threads=torch.get_num_threads(),
+                   cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   optimizer=getattr(t.optimizer, 'impl', type(t.optimizer).__name__),
+                   **getattr(t.optimizer, 'run_facts', {}),
                    **({'log_repaired': repaired} if repaired else {}))
     def after_step(self, t):
         if t.step % t.config.log_cadence == 0:

@@ -60,7 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
 RESUMABLE_FIELDS = frozenset({'max_steps', 'out_dir', 'data_path', 'log_cadence', 'eval_cadence', 'eval_batches',
                               'sampling_cadence', 'sample_length', 'sample_seed', 'checkpoint_cadence',
                               'keep_checkpoints', 'device', 'precision', 'compile', 'threads', 'progress',
-                              'tensorboard'})
+                              'tensorboard', 'muon_ns_dtype'})
 
 def cli_overrides(args) -> dict:
     "The config fields named on the command line, as a dict."

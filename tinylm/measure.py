@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_measure.ipynb #460e113a
 from __future__ import annotations
-import datetime, json, math, os, platform, shutil, statistics, subprocess, sys, tempfile, time
+import datetime, json, math, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from .tokenizer import Tokenizer
 from .corpus import load_text
 from .data import make_dataloaders
 from .device import unwrap_model
+from .optim import muon_params, orthogonalize, muon_ns_dtype, bf16_matmul_is_native
 from .checkpoint import load_checkpoint, capture_rng, restore_rng
 from .trainer import Trainer
 from .loggers import read_log, peak_rss_mb
@@ -22,7 +23,7 @@ from .main import build_trainer
 # %% auto #0
 __all__ = ['PHASES', 'sync', 'stats', 'Stopwatch', 'matmul_ceiling', 'setup', 'run_steps', 'time_training', 'step_breakdown',
            'peak_memory', 'big_corpus', 'tokenizer_throughput', 'checkpoint_times', 'resume_times', 'train_command',
-           'startup_time', 'write_corpus', 'prepare_times', 'machine_info']
+           'startup_time', 'write_corpus', 'prepare_times', 'cpu_flags', 'machine_info', 'newton_schulz_times']
 
 # %% ../nbs/15_measure.ipynb #f03e32dd
 def sync(device) -> None:
@@ -257,14 +258,43 @@ def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 36
                 resume_to_step_s=_when(step2) - t0)
 
 # %% ../nbs/15_measure.ipynb #3bef1b56
+_CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
+
+def cpu_flags() -> list[str]:
+    "Which of the vector-arithmetic flags that decide bfloat16's speed the CPU lists (Linux; [] elsewhere)."
+    try: text = Path('/proc/cpuinfo').read_text(errors='replace')
+    except OSError: return []
+    words = set(re.findall(r'\w+', next((l for l in text.splitlines() if l.startswith('flags')), '')))
+    return [f for f in _CPU_FLAGS if f in words]
+
 def machine_info(device) -> dict:
-    "Platform, CPU count, Python and torch versions, intra-op threads and the device (with its name on CUDA)."
+    "Platform, CPUs (their vector flags and torch's CPU capability), Python, torch, threads, the device, and bfloat16."
     device = torch.device(device)
     info = dict(platform=platform.platform(), machine=platform.machine(), processor=platform.processor() or None,
-                cpu_count=os.cpu_count(), python=platform.python_version(), torch=str(torch.__version__),
-                threads=torch.get_num_threads(), device=str(device),
+                cpu_count=os.cpu_count(), cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_flags(),
+                python=platform.python_version(), torch=str(torch.__version__), threads=torch.get_num_threads(),
+                device=str(device), bf16_matmul_native=bf16_matmul_is_native(device),
                 time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
     if device.type == 'cuda':
         info['device_name'] = torch.cuda.get_device_name(device)
         info['cuda'] = torch.version.cuda
     return info
+
+# %% ../nbs/15_measure.ipynb #981396ea
+def newton_schulz_times(model, config: TrainingConfig, reps: int = 5) -> dict:
+    "Milliseconds of one Muon orthogonalisation of `model`'s hidden matrices (stacked by shape), per dtype."
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = {}
+    for p in muon_params(model): shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+    stacks = [torch.randn(n, *s, generator=g, device=device) for s, n in shapes.items()]
+    res = dict(matrices=sum(shapes.values()), shapes=len(shapes), steps=config.muon_ns_steps,
+               coefficients=config.muon_ns_coefficients,
+               chosen=str(muon_ns_dtype(config.muon_ns_dtype, device)).replace('torch.', ''))
+    for dtype in (torch.float32, torch.bfloat16):
+        sw = Stopwatch(device)
+        for k in range(reps + 1):
+            with sw:
+                for x in stacks: orthogonalize(x, config.muon_ns_steps, config.muon_ns_coefficients, dtype)
+        res[f"{str(dtype).replace('torch.', '')}_ms"] = stats(sw.times[1:])['median_s'] * 1e3   # the first warms up
+    return res

@@ -4,13 +4,14 @@
 
 # %% ../nbs/05_optim.ipynb #00eee61c
 from __future__ import annotations
-import math
+import functools, math, time
 import torch
 import torch.nn as nn
 from .config import TrainingConfig, TinyLMError, ConfigError
 
 # %% auto #0
-__all__ = ['param_groups', 'create_optimizer', 'muon_params', 'MuonWithAdamW', 'muon_with_adamw', 'lr_at', 'set_lr']
+__all__ = ['NS_COEFFICIENTS', 'param_groups', 'create_optimizer', 'ns_schedule', 'orthogonalize', 'bf16_matmul_is_native',
+           'muon_ns_dtype', 'Muon', 'muon_params', 'MuonWithAdamW', 'muon_with_adamw', 'lr_at', 'set_lr']
 
 # %% ../nbs/05_optim.ipynb #10c7ac08
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -38,6 +39,132 @@ def create_optimizer(model: torch.nn.Module, config: TrainingConfig):
     if config.optimizer == 'adamw': return _adamw(groups, config)
     return muon_with_adamw(model, groups, config)
 
+# %% ../nbs/05_optim.ipynb #bb8c15aa
+NS_COEFFICIENTS = {
+    # Keller Jordan's quintic, the same at every iteration (torch.optim.Muon's default)
+    'muon': dict(margin=0.0, steps=[(3.4445, -4.7750, 2.0315)]),
+    # Polar Express (arXiv 2505.16932), computed for 5 iterations with a 2% margin; past 5 the last one repeats
+    'polar_express': dict(margin=0.02, steps=[(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                                              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                                              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                                              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                                              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]),
+}
+
+def ns_schedule(name: str, steps: int) -> list[tuple[float, float, float]]:
+    "The quintic (a, b, c) of each of `steps` Newton–Schulz iterations of the coefficient set `name`."
+    if name not in NS_COEFFICIENTS:
+        raise ConfigError(f"unknown Newton–Schulz coefficients {name!r}; choose one of {', '.join(NS_COEFFICIENTS)}")
+    table = NS_COEFFICIENTS[name]['steps']
+    return [table[min(i, len(table) - 1)] for i in range(steps)]
+
+def orthogonalize(G: torch.Tensor, steps: int = 5, coefficients: str = 'muon', dtype=torch.bfloat16,
+                  eps: float = 1e-7) -> torch.Tensor:
+    "Newton–Schulz: roughly the nearest orthogonal matrix to `G` (rows, cols), or to each of a stack (n, rows, cols)."
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall: X = X.mT                          # iterate on the wide side: the Gram matrix X Xᵀ is the smaller one
+    scale = 1 + NS_COEFFICIENTS[coefficients]['margin']
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * scale).clamp(min=eps)    # every singular value <= 1
+    addmm = torch.addmm if X.dim() == 2 else torch.baddbmm
+    for a, b, c in ns_schedule(coefficients, steps):
+        A = X @ X.mT                                          # (..., rows, rows) with rows <= cols
+        X = addmm(X, addmm(A, A, A, beta=b, alpha=c), X, beta=a)   # a X + (b A + c A²) X
+    return X.mT if tall else X
+
+# %% ../nbs/05_optim.ipynb #89055c02
+def _seconds(f, reps: int) -> float:
+    "The median wall time of `f()` over `reps` calls."
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+@functools.cache
+def _bf16_native(device_type: str, index) -> bool:
+    if device_type == 'cuda':
+        with torch.cuda.device(index or 0): return torch.cuda.is_bf16_supported(including_emulation=False)
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    a = torch.linspace(-1, 1, 256 * 256, device=device).reshape(256, 256)   # no random numbers: the RNG stays put
+    b = a.bfloat16()
+    times = {}
+    for _ in range(2):                  # alternate, so both see the same machine; the first round warms up
+        times = {'f32': _seconds(lambda: a @ a, 3), 'bf16': _seconds(lambda: b @ b, 3)}
+    return times['bf16'] <= times['f32']
+
+def bf16_matmul_is_native(device='cpu') -> bool:
+    "Does `device` multiply bfloat16 matrices at least as fast as float32 (natively, not emulated)? Decided once."
+    device = torch.device(device)
+    return _bf16_native(device.type, device.index)
+
+def muon_ns_dtype(setting: str = 'auto', device='cpu') -> torch.dtype:
+    "The dtype of Muon's Newton–Schulz iterations: `setting`, or for 'auto' bfloat16 where it is native, else float32."
+    if setting == 'auto': return torch.bfloat16 if bf16_matmul_is_native(device) else torch.float32
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+    if setting not in dtypes: raise ConfigError(f"muon_ns_dtype must be one of auto, float32, bfloat16; got {setting!r}")
+    return dtypes[setting]
+
+# %% ../nbs/05_optim.ipynb #ecc411cd
+_TORCH_MUON_KEYS = ('ns_coefficients', 'eps', 'ns_steps', 'adjust_lr_fn')   # group keys of torch.optim.Muon's states
+
+def _dtype_name(dtype) -> str: return str(dtype).replace('torch.', '')
+
+class Muon(torch.optim.Optimizer):
+    "Muon for 2-D parameters: Nesterov momentum, then Newton–Schulz orthogonalisation of same-shape matrices together."
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                 nesterov: bool = True, ns_steps: int = 5, ns_coefficients: str = 'muon', ns_dtype=torch.bfloat16,
+                 stack: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        shapes = [tuple(p.shape) for g in self.param_groups for p in g['params'] if p.dim() != 2]
+        if shapes: raise ValueError(f"Muon takes only 2-D matrices; got parameters of shape {shapes[:3]}")
+        ns_schedule(ns_coefficients, ns_steps)          # refuse an unknown set now, not at step 1
+        self.ns_steps, self.ns_coefficients, self.ns_dtype, self.stack = ns_steps, ns_coefficients, ns_dtype, stack
+        self.saved_ns_dtype = None       # after load_state_dict: the dtype the saved state was computed with
+
+    def _momentum_update(self, p, group) -> torch.Tensor:
+        "Advance `p`'s momentum buffer by its gradient; the (Nesterov) update to orthogonalise."
+        state = self.state[p]
+        if 'momentum_buffer' not in state:
+            state['momentum_buffer'] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        buf = state['momentum_buffer']
+        buf.lerp_(p.grad, 1 - group['momentum'])
+        return p.grad.lerp(buf, group['momentum']) if group['nesterov'] else buf
+
+    def _orthogonalize_all(self, updates: list) -> list:
+        "`orthogonalize` every update, the ones of equal shape as one stack (with `stack`)."
+        out, by_shape = [None] * len(updates), {}
+        for i, u in enumerate(updates): by_shape.setdefault(tuple(u.shape), []).append(i)
+        ortho = lambda g: orthogonalize(g, self.ns_steps, self.ns_coefficients, self.ns_dtype)
+        for idx in by_shape.values():
+            if self.stack and len(idx) > 1:
+                for i, o in zip(idx, ortho(torch.stack([updates[i] for i in idx]))): out[i] = o
+            else:
+                for i in idx: out[i] = ortho(updates[i])
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group['params'] if p.grad is not None]
+            updates = self._orthogonalize_all([self._momentum_update(p, group) for p in params])
+            for p, u in zip(params, updates):
+                p.mul_(1 - group['lr'] * group['weight_decay'])
+                p.add_(u, alpha=-(group['lr'] * math.sqrt(max(1, p.size(0) / p.size(1)))))
+        return loss
+
+    def state_dict(self) -> dict: return {**super().state_dict(), 'ns_dtype': _dtype_name(self.ns_dtype)}
+
+    def load_state_dict(self, state_dict: dict):
+        state_dict = dict(state_dict)
+        saved = state_dict.pop('ns_dtype', 'bfloat16')     # torch.optim.Muon's states: always bfloat16
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            for k in _TORCH_MUON_KEYS: g.pop(k, None)       # those settings are the optimizer's here
+        self.saved_ns_dtype = saved
+
 # %% ../nbs/05_optim.ipynb #893bc6ce
 def muon_params(model: nn.Module) -> list:
     "The hidden matrices of `model`: the weights of its `Linear` layers, except the output head `lm_head`."
@@ -46,29 +173,48 @@ def muon_params(model: nn.Module) -> list:
 
 class MuonWithAdamW:
     "Muon for the hidden matrices and AdamW for the rest, stepped, zeroed, saved and restored as one optimizer."
-    def __init__(self, muon, adamw): self.muon, self.adamw, self.impl = muon, adamw, f"muon + {adamw.impl} adamw"
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+        self.impl = (f"muon ({_dtype_name(muon.ns_dtype)} Newton–Schulz, {muon.ns_steps} x {muon.ns_coefficients}) "
+                     f"+ {adamw.impl} adamw")
     @property
     def param_groups(self) -> list[dict]: return self.muon.param_groups + self.adamw.param_groups
-    def step(self): self.muon.step(); self.adamw.step()
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
     def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none=set_to_none); self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
     def state_dict(self) -> dict: return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
     def load_state_dict(self, d: dict):
         if not isinstance(d, dict) or set(d) != {'muon', 'adamw'}:
             raise ValueError("expected the state of a Muon + AdamW optimizer ('muon' and 'adamw')")
-        self.muon.load_state_dict(d['muon']); self.adamw.load_state_dict(d['adamw'])
+        self.muon.load_state_dict(d['muon'])
+        self.adamw.load_state_dict(d['adamw'])
+    @property
+    def run_facts(self) -> dict:
+        "What `run_start` records of the arithmetic: the Newton–Schulz dtype, and the saved one where it differs."
+        used, saved = _dtype_name(self.muon.ns_dtype), self.muon.saved_ns_dtype
+        return {'muon_ns_dtype': used, **({'muon_ns_dtype_saved': saved} if saved not in (None, used) else {})}
+
+def _agreed_dtype(dtype, device):
+    "With several processes, bfloat16 only if every rank chose it: the ranks' weights must stay identical."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return dtype
+    flag = torch.tensor([int(dtype == torch.bfloat16)], device=device if device.type == 'cuda' else 'cpu')
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return torch.bfloat16 if flag.item() else torch.float32
 
 def muon_with_adamw(model: nn.Module, groups: list[dict], config: TrainingConfig) -> MuonWithAdamW:
-    "Muon over `muon_params(model)`, AdamW over what `groups` hold besides; a clear error if torch has no Muon."
-    Muon = getattr(torch.optim, 'Muon', None)
-    if Muon is None:
-        raise ConfigError(f"optimizer: muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
-                          "upgrade torch, or use optimizer: adamw")
+    "Muon over `muon_params(model)`, AdamW over what `groups` hold besides."
     hidden = muon_params(model)
     ids = {id(p) for p in hidden}
     rest = [dict(g, params=[p for p in g['params'] if id(p) not in ids]) for g in groups]
+    device = hidden[0].device if hidden else torch.device('cpu')
+    dtype = _agreed_dtype(muon_ns_dtype(config.muon_ns_dtype, device), device)
     muon = Muon([dict(params=hidden, name='muon', lr_scale=config.muon_lr / config.learning_rate)], lr=config.muon_lr,
-                momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, nesterov=True)
+                momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, nesterov=True,
+                ns_steps=config.muon_ns_steps, ns_coefficients=config.muon_ns_coefficients, ns_dtype=dtype)
     return MuonWithAdamW(muon, _adamw([g for g in rest if g['params']], config))
 
 # %% ../nbs/05_optim.ipynb #daa18765
