@@ -109,6 +109,7 @@ class TrainingConfig:
     muon_ns_steps: int = 5           # Newton–Schulz iterations per Muon step
     muon_ns_coefficients: str = 'muon'  # muon (one quintic, every iteration) | polar_express (one per iteration)
     muon_ns_dtype: str = 'auto'      # auto (bfloat16 where its matmul is native, else float32) | float32 | bfloat16
+    muon_split_qkv: bool = False     # Muon orthogonalises q, k and v as three matrices, not one
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
     lr_schedule: str = 'cosine'      # cosine | wsd (warm-up, stable, linear decay)
     warmup_steps: int = 100

@@ -117,6 +117,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
         shapes = [tuple(p.shape) for g in self.param_groups for p in g['params'] if p.dim() != 2]
         if shapes: raise ValueError(f"Muon takes only 2-D matrices; got parameters of shape {shapes[:3]}")
+        for g in self.param_groups:   # optional `split`: each matrix of the group is that many row blocks
+            if any(p.size(0) % g.get('split', 1) for p in g['params']):
+                raise ValueError(f"Muon group {g.get('name', '')!r}: split {g['split']} does not divide every row count")
         ns_schedule(ns_coefficients, ns_steps)          # refuse an unknown set now, not at step 1
         self.ns_steps, self.ns_coefficients, self.ns_dtype, self.stack = ns_steps, ns_coefficients, ns_dtype, stack
         self.saved_ns_dtype = None       # after load_state_dict: the dtype the saved state was computed with
@@ -130,17 +133,19 @@ class Muon(torch.optim.Optimizer):
         buf.lerp_(p.grad, 1 - group['momentum'])
         return p.grad.lerp(buf, group['momentum']) if group['nesterov'] else buf
 
-    def _orthogonalize_all(self, updates: list) -> list:
-        "`orthogonalize` every update, the ones of equal shape as one stack (with `stack`)."
-        out, by_shape = [None] * len(updates), {}
-        for i, u in enumerate(updates): by_shape.setdefault(tuple(u.shape), []).append(i)
+    def _orthogonalize_all(self, updates: list, splits: list) -> list:
+        "`orthogonalize` every update, cut into `split` row blocks; with `stack`, the pieces of one shape together."
+        pieces = [(i, piece) for i, (u, s) in enumerate(zip(updates, splits)) for piece in u.chunk(s, dim=0)]
+        by_shape, done = {}, [None] * len(pieces)
+        for k, (_, piece) in enumerate(pieces): by_shape.setdefault(tuple(piece.shape), []).append(k)
         ortho = lambda g: orthogonalize(g, self.ns_steps, self.ns_coefficients, self.ns_dtype)
-        for idx in by_shape.values():
-            if self.stack and len(idx) > 1:
-                for i, o in zip(idx, ortho(torch.stack([updates[i] for i in idx]))): out[i] = o
-            else:
-                for i in idx: out[i] = ortho(updates[i])
-        return out
+        for ks in by_shape.values():
+            together = self.stack and len(ks) > 1
+            results = ortho(torch.stack([pieces[k][1] for k in ks])) if together else [ortho(pieces[k][1]) for k in ks]
+            for k, o in zip(ks, results): done[k] = o
+        out = [[] for _ in updates]
+        for (i, _), o in zip(pieces, done): out[i].append(o)
+        return [o[0] if len(o) == 1 else torch.cat(o) for o in out]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -148,11 +153,11 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         for group in self.param_groups:
-            params = [p for p in group['params'] if p.grad is not None]
-            updates = self._orthogonalize_all([self._momentum_update(p, group) for p in params])
+            params, split = [p for p in group['params'] if p.grad is not None], group.get('split', 1)
+            updates = self._orthogonalize_all([self._momentum_update(p, group) for p in params], [split] * len(params))
             for p, u in zip(params, updates):
                 p.mul_(1 - group['lr'] * group['weight_decay'])
-                p.add_(u, alpha=-(group['lr'] * math.sqrt(max(1, p.size(0) / p.size(1)))))
+                p.add_(u, alpha=-(group['lr'] * math.sqrt(max(1, p.size(0) / split / p.size(1)))))
         return loss
 
     def state_dict(self) -> dict: return {**super().state_dict(), 'ns_dtype': _dtype_name(self.ns_dtype)}
@@ -212,7 +217,11 @@ def muon_with_adamw(model: nn.Module, groups: list[dict], config: TrainingConfig
     rest = [dict(g, params=[p for p in g['params'] if id(p) not in ids]) for g in groups]
     device = hidden[0].device if hidden else torch.device('cpu')
     dtype = _agreed_dtype(muon_ns_dtype(config.muon_ns_dtype, device), device)
-    muon = Muon([dict(params=hidden, name='muon', lr_scale=config.muon_lr / config.learning_rate)], lr=config.muon_lr,
+    scale = config.muon_lr / config.learning_rate
+    qkv = {id(m.weight) for n, m in model.named_modules() if n.endswith('attn.c_attn')} if config.muon_split_qkv else set()
+    muon_groups = [dict(params=[p for p in hidden if id(p) not in qkv], name='muon', lr_scale=scale)]
+    if qkv: muon_groups.append(dict(params=[p for p in hidden if id(p) in qkv], name='muon_qkv', lr_scale=scale, split=3))
+    muon = Muon(muon_groups, lr=config.muon_lr,
                 momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, nesterov=True,
                 ns_steps=config.muon_ns_steps, ns_coefficients=config.muon_ns_coefficients, ns_dtype=dtype)
     return MuonWithAdamW(muon, _adamw([g for g in rest if g['params']], config))
