@@ -66,13 +66,14 @@ def test_muon_with_compile(corpus, tmp_path):
 
 
 def test_whole_split_evaluation_in_bits_per_character(corpus, tmp_path):
-    "eval_batches: 0 predicts every character of the validation split once; every eval record carries val_bpc."
+    "eval_batches: 0 predicts every character of the validation split once; every eval record carries val_bpc and"
+    "val_bpb (equal, on ASCII text)."
     out = tmp_path / 'whole'
     p = run_cli(['--data', corpus, '--out-dir', out, '--max-steps', 4, *tiny_args(eval_batches=0)])
     assert p.returncode == 0, p.stderr[-3000:]
     evals = [r for r in read_jsonl(out / 'train.jsonl') if r['event'] == 'eval']
-    assert evals and all(r['val_bpc'] == r['val_loss'] / math.log(2) for r in evals)
-    assert 'bpc' in p.stdout
+    assert evals and all(r['val_bpc'] == r['val_loss'] / math.log(2) == r['val_bpb'] for r in evals)
+    assert 'bpb' in p.stdout
     # the same number, recomputed by hand from the checkpoint: the mean loss over all non-overlapping windows
     from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
     from tinylm.data import split_corpus

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #dd51934a
 from __future__ import annotations
-import difflib, errno, hashlib, json, math, re, reprlib, typing
+import difflib, errno, hashlib, json, math, os, re, reprlib, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 
@@ -12,9 +12,10 @@ import yaml
 import tinylm
 
 # %% auto #0
-__all__ = ['PACKAGE_DIR', 'BUNDLED_CORPUS', 'DEFAULT_DATA', 'RECIPES_DIR', 'MAX_YAML_BYTES', 'HASH_EXCLUDED', 'TinyLMError',
-           'ConfigError', 'brief', 'os_error_cause', 'bundled_corpora', 'resolve_data_path', 'bundled_recipes',
-           'TrainingConfig', 'load_yaml', 'find_config', 'read_config_file', 'load_config', 'config_hash']
+__all__ = ['PACKAGE_DIR', 'BUNDLED_CORPUS', 'DEFAULT_DATA', 'RECIPES_DIR', 'MAX_YAML_BYTES', 'HASH_EXCLUDED', 'HASH_IF_SET',
+           'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'bundled_corpora', 'resolve_data_path',
+           'bundled_recipes', 'TrainingConfig', 'load_yaml', 'find_config', 'read_config_file', 'load_config',
+           'config_hash']
 
 # %% ../nbs/00_config.ipynb #e75a739e
 class TinyLMError(Exception):
@@ -84,7 +85,9 @@ class TrainingConfig:
     batch_size: int = 12             # global sequences per micro-step
     grad_accum_steps: int = 1        # micro-steps per optimizer step
     # -- model
-    block_size: int = 64             # context length in characters
+    tokenizer: str = 'char'          # char | bpe (byte-level BPE trained on the training split) | a tokenizer.json
+    bpe_vocab_size: int = 1024       # entries of a trained BPE (tokenizer: bpe), the 256 bytes included
+    block_size: int = 64             # context length in tokens
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -213,12 +216,23 @@ def _check_values(c: TrainingConfig):
     need(0 < c.decay_fraction <= 1, f"config field 'decay_fraction' must be in (0, 1], got {c.decay_fraction}")
     need(c.pos_emb != 'rope' or (c.n_embd // c.n_head) % 2 == 0,
          f"pos_emb: rope needs an even head size (n_embd / n_head), got {c.n_embd} / {c.n_head} = {c.n_embd // c.n_head}")
+    need(257 <= c.bpe_vocab_size <= 1 << 20, f"config field 'bpe_vocab_size' must be in [257, {1 << 20}] (the 256 bytes "
+         f"and at least one merge), got {c.bpe_vocab_size}")
+    need(c.tokenizer in ('char', 'bpe') or _looks_like_path(c.tokenizer), _tokenizer_message(c.tokenizer))
     need(c.data_path != '', "config field 'data_path' must not be empty")
     need(c.out_dir != '', "config field 'out_dir' must not be empty")
     need(bool(_DEVICE_RE.match(c.device)),
          f"config field 'device' must be one of auto, cpu, cuda, cuda:N, mps; got {brief(c.device)}")
     for n, choices in _CHOICES.items():
         need(getattr(c, n) in choices, f"config field '{n}' must be one of {', '.join(choices)}; got {brief(getattr(c, n))}")
+
+# %% ../nbs/00_config.ipynb #47fbf4a0
+def _looks_like_path(v: str) -> bool: return v.endswith('.json') or '/' in v or os.sep in v or v.startswith(('.', '~'))
+
+def _tokenizer_message(v: str) -> str:
+    close = difflib.get_close_matches(v[:100], ['char', 'bpe'], n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ''
+    return (f"config field 'tokenizer' must be char, bpe or the path of a tokenizer.json; got {brief(v)}{hint}")
 
 # %% ../nbs/00_config.ipynb #ea9c669b
 MAX_YAML_BYTES = 1 << 20
@@ -283,9 +297,16 @@ def load_config(path_or_name, base: TrainingConfig | None = None) -> TrainingCon
 # %% ../nbs/00_config.ipynb #c152a4b0
 HASH_EXCLUDED = frozenset({'data_path', 'out_dir', 'progress', 'tensorboard', 'keep_checkpoints', 'max_steps',
                            'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence'})
+# fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
+HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
+                         'muon_split_qkv'})
 
-def config_hash(config: TrainingConfig, length: int = 12) -> str:
-    "A short stable hash of the fields that can change what a run computes (all but `HASH_EXCLUDED`)."
-    d = {k: v for k, v in asdict(config).items() if k not in HASH_EXCLUDED}
+def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str | None = None) -> str:
+    "A short stable hash of the fields that can change what a run computes, and of a non-character vocabulary."
+    defaults = TrainingConfig()
+    d = {k: v for k, v in asdict(config).items()
+         if k not in HASH_EXCLUDED and not (k in HASH_IF_SET and v == getattr(defaults, k))}
+    if d.get('tokenizer') not in (None, 'char', 'bpe'): d['tokenizer'] = 'file'   # where the file is does not count
+    if tokenizer_sha256 and config.tokenizer != 'char': d['tokenizer_sha256'] = tokenizer_sha256   # what it holds does
     canon = json.dumps(d, sort_keys=True, separators=(',', ':'), allow_nan=False)
     return hashlib.sha256(canon.encode('utf-8')).hexdigest()[:length]

@@ -34,6 +34,7 @@ def _describe(c: str) -> str:
 # %% ../nbs/01_tokenizer.ipynb #82f50d20
 class Tokenizer:
     "Character-level tokenizer: the id of a character is its index in the sorted, unique string `chars`."
+    kind = 'char'
     def __init__(self, chars: str):
         if not isinstance(chars, str):
             raise TokenizerError(f"the vocabulary must be a str of characters, got {type(chars).__name__}")
