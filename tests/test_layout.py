@@ -1,6 +1,6 @@
 """The book's layout: chapters import only from earlier chapters, modules stay small, and `__all__` holds what users
 import (no method spread over cells with @patch leaks out as a bare function)."""
-import ast, importlib, inspect, re
+import ast, importlib, inspect, json, re
 from pathlib import Path
 
 import pytest
@@ -97,3 +97,17 @@ def test_specification_names_import_from_where_they_always_did():
     from tinylm.config import TrainingConfig
     from tinylm.main import main, build_trainer
     assert all(callable(x) for x in (Trainer.fit, Trainer.training_step, Trainer.save_checkpoint, Trainer.from_checkpoint))
+
+
+LEAKS = re.compile(r'(?:/root/|/home/|/tmp/|/work/|/Users/|site-packages|\bWarning\b|Traceback \(most recent call last\))')
+
+@pytest.mark.parametrize('nb', [p for p in sorted((PKG.parent / 'nbs').glob('*.ipynb'))], ids=lambda p: p.name)
+def test_committed_outputs_hold_no_machine_paths_warnings_or_tracebacks(nb):
+    "A committed output must read the same on every machine: no absolute paths, no warnings, no tracebacks."
+    cells = json.loads(nb.read_text(encoding='utf-8'))['cells']
+    for i, cell in enumerate(cells):
+        for out in cell.get('outputs', []):
+            text = ''.join(out.get('text', '')) + ''.join(out.get('data', {}).get('text/plain', ''))
+            if out.get('output_type') == 'error': text += 'Traceback (most recent call last)'
+            m = LEAKS.search(text)
+            assert m is None, f"{nb.name} cell {i}: its output shows {m.group(0)!r}: {text[max(0, m.start() - 80):m.end() + 80]!r}"

@@ -322,7 +322,7 @@ def show_progress(description: str, total: int, file=None):
     "An `update(done_bytes)` for a long pass over `total` bytes: a tqdm bar on a terminal, else a line per 10%."
     file = file or sys.stdout
     if getattr(file, 'isatty', lambda: False)():
-        from tqdm.auto import tqdm
+        from tqdm import tqdm   # the terminal bar (tqdm.auto would look for notebook widgets)
         bar = tqdm(total=total, desc=description, unit='B', unit_scale=True, file=file)
         def update(done):
             bar.update(done - bar.n)

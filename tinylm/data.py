@@ -13,8 +13,8 @@ from torch.utils.data import Dataset, DataLoader
 from .corpus import DataError, DEFAULT_CORPUS, load_text, text_sha256   # re-exported: tinylm.data.load_text
 
 # %% auto #0
-__all__ = ['split_corpus', 'WindowDataset', 'KeyedPermutation', 'EpochBatchSampler', 'EvalBatchSampler', 'passthrough_collate',
-           'make_dataloaders']
+__all__ = ['split_corpus', 'WindowDataset', 'KeyedPermutation', 'check_world_batch', 'EpochBatchSampler', 'EvalBatchSampler',
+           'passthrough_collate', 'make_dataloaders']
 
 # %% ../nbs/04_data.ipynb #464bf616
 def split_corpus(ids, val_fraction: float = 0.05):
@@ -138,6 +138,13 @@ class KeyedPermutation:
         return y.astype(np.int64)
 
 # %% ../nbs/04_data.ipynb #d96b1390
+def check_world_batch(batch_size: int, world_size: int):
+    "The global batch must split evenly over the processes: the one place this rule is checked."
+    if batch_size % world_size:
+        hint = batch_size - batch_size % world_size or world_size
+        raise DataError(f"batch_size ({batch_size}) is the global batch and must be divisible by the number of "
+                        f"processes ({world_size}); try --set batch_size={hint}")
+
 class EpochBatchSampler:
     "Endless, resumable stream of batches of window indices; epoch `e` visits the windows in a keyed permutation."
     BLOCK_BATCHES = 64   # batches whose indices are computed together: a few KB, and numpy's overhead paid once per block
@@ -149,9 +156,7 @@ class EpochBatchSampler:
         self.world_size = _check_int('world_size', world_size, 1)
         self.rank = _check_int('rank', rank, 0, self.world_size)
         self.drop_last = bool(drop_last)
-        if self.batch_size % self.world_size:
-            raise DataError(f"batch_size={self.batch_size} must be divisible by world_size={self.world_size} "
-                            "(batch_size is the global batch, split evenly across processes)")
+        check_world_batch(self.batch_size, self.world_size)
         if self.drop_last and self.n_windows < self.batch_size:
             raise DataError(f"only {self.n_windows} training windows but batch_size={self.batch_size}: not even one "
                             "full batch per epoch; use a larger corpus, a smaller block_size or a smaller batch_size")
@@ -233,9 +238,7 @@ class EvalBatchSampler:
         self.world_size = _check_int('world_size', world_size, 1)
         self.rank = _check_int('rank', rank, 0, self.world_size)
         self.stride = _check_int('stride', stride, 1)
-        if self.batch_size % self.world_size:
-            raise DataError(f"batch_size={self.batch_size} must be divisible by world_size={self.world_size} "
-                            "(batch_size is the global batch, split evenly across processes)")
+        check_world_batch(self.batch_size, self.world_size)
         if self.n_batches:
             idx = torch.linspace(0, self.n_windows - 1, self.n_batches * self.batch_size, dtype=torch.float64)
             batches = idx.round().long().view(self.n_batches, self.batch_size)

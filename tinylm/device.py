@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.distributed as dist
 
 from .config import TinyLMError, ConfigError
+from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
 __all__ = ['DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'to_device', 'unwrap_model', 'fork_rng', 'DistInfo',
-           'dist_env', 'check_world_batch', 'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp',
-           'mean_over_ranks']
+           'dist_env', 'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -91,12 +91,6 @@ def dist_env(environ=None) -> DistInfo:
     return info
 
 # %% ../nbs/07_device.ipynb #a67df63e
-def check_world_batch(batch_size: int, world_size: int):
-    "The global batch must split evenly over the processes."
-    if batch_size % world_size:
-        raise ConfigError(f"batch_size ({batch_size}) is the global batch and must be divisible by the number of "
-                          f"processes ({world_size}); try --set batch_size={batch_size - batch_size % world_size or world_size}")
-
 def init_distributed(info: DistInfo, device: torch.device, timeout_s: float | None = None) -> torch.device:
     "Join the torchrun process group (if `info.enabled`); returns this rank's device."
     if not info.enabled: return device

@@ -97,7 +97,7 @@ class ProgressBar(ConsoleLogger):
     order = 5   # advance the bar before evaluation or sampling print their lines
     def __init__(self, file=None, **tqdm_kwargs): self.file, self.kw, self.quiet, self.volatile = file, tqdm_kwargs, False, True
     def before_fit(self, t):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm   # the terminal bar (tqdm.auto would look for notebook widgets)
         self.print = lambda msg: tqdm.write(msg, file=self.file)
         super().before_fit(t)
         width = shutil.get_terminal_size((100, 24)).columns   # falls back when a terminal reports 0 columns

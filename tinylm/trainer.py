@@ -286,20 +286,20 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
 
 # %% ../nbs/09_trainer.ipynb #3edfe6ba
 class Evaluator(Hook):
-    "Evaluate every `eval_cadence` steps and at the end of a completed run (unless this step was just evaluated)."
+    "Evaluate every `eval_cadence` steps and at the end of a completed run (unless just evaluated); needs a val loader."
     order = 10
     def after_step(self, t):
         c = t.config.eval_cadence
-        if c and t.step % c == 0: t.evaluate()
+        if c and t.step % c == 0 and t.val_dataloader is not None: t.evaluate()
     def after_fit(self, t):
         if t.status == 'completed' and t.last_eval_step != t.step and t.val_dataloader is not None: t.evaluate()
 
 class Sampler(Hook):
-    "Sample `sample_length` characters every `sampling_cadence` steps and at the end of a completed run."
+    "Sample `sample_length` tokens every `sampling_cadence` steps and at the end of a completed run; needs a tokenizer."
     order = 20
     def after_step(self, t):
         c = t.config.sampling_cadence
-        if c and t.config.sample_length and t.step % c == 0: t.sample()
+        if c and t.config.sample_length and t.tokenizer is not None and t.step % c == 0: t.sample()
     def after_fit(self, t):
         if t.status == 'completed' and t.last_sample_step != t.step and t.config.sample_length and t.tokenizer:
             t.sample()
