@@ -61,6 +61,7 @@ def test_an_unusable_cache_is_a_clear_error(corpus, tmp_path):
     assert_clean_error(p.returncode, p.stdout, p.stderr, 1, 'TINYLM_CACHE_MIN_MB must be a number of megabytes')
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_one_prepared_corpus(corpus, tmp_path):
     "Two processes prepare nothing twice (the first prepares, the other waits) and train like one process."
     from test_distributed import TINY, torchrun, single, losses, _env

@@ -53,6 +53,7 @@ def test_bpe_run_resumes_bit_identically(bpe_run, tmp_path):
     assert b2[0]['tokenizer'] == events(read_jsonl(out / 'train.jsonl'), 'run_start')[0]['tokenizer']
 
 
+@pytest.mark.slow
 def test_bpe_vocabulary_is_the_same_in_every_process_count(bpe_run, tmp_path):
     "Two processes under torchrun, and a prepared (memory-mapped) corpus, train the same vocabulary as one process."
     corpus, out = bpe_run

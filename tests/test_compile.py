@@ -1,8 +1,12 @@
 """`compile: true` runs torch.compile on the model: it computes the same losses as eager mode (within floating-point
 reordering), its checkpoints are plain (no `_orig_mod.`), and they resume uncompiled on the compiled run's course."""
+import pytest
 import json, os, subprocess, sys
 
 import torch
+
+
+pytestmark = pytest.mark.slow   # the slow set (`pytest -m slow`): CI runs it after the quick loop
 
 TINY = ['--set', 'n_layer=1', '--set', 'n_head=2', '--set', 'n_embd=32', '--set', 'block_size=16',
         '--set', 'batch_size=4', '--set', 'eval_batches=1', '--set', 'sample_length=10', '--set', 'log_cadence=1',

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow   # the slow set (`pytest -m slow`): CI runs it after the quick loop
+
 TINY = ['--set', 'n_layer=1', '--set', 'n_head=2', '--set', 'n_embd=32', '--set', 'block_size=32',
         '--set', 'batch_size=8', '--set', 'eval_batches=2', '--set', 'sample_length=20', '--set', 'log_cadence=1',
         '--set', 'device=cpu', '--set', 'threads=1', '--set', 'eval_cadence=10', '--set', 'checkpoint_cadence=10',

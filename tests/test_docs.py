@@ -1,5 +1,6 @@
 """`tinylm_docs` executes a folder of notebooks in Jupyter kernels and renders a static site: chapter pages in
 order with previous/next links, an index with titles and descriptions, and one `error:` line per failing chapter."""
+import pytest
 import os, re, shutil, subprocess, sys
 from pathlib import Path
 
@@ -8,6 +9,9 @@ from nbformat.v4 import new_notebook, new_markdown_cell, new_code_cell
 
 from test_walkthrough import ensure_python3_kernel
 
+
+
+pytestmark = pytest.mark.slow   # the slow set (`pytest -m slow`): CI runs it after the quick loop
 
 def docs_cmd() -> list[str]:
     exe = shutil.which('tinylm_docs')

@@ -1,6 +1,7 @@
 """The modern recipe end to end: bundled recipes by name, Muon + AdamW with every model option, exact resume with
 dropout on, DDP equal to one process, torch.compile, and the whole-split evaluation in bits per character."""
 from __future__ import annotations
+import pytest
 import json, math, shutil
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def test_muon_run_resumes_bit_identically(corpus, tmp_path):
     assert {**losses(b1), **losses(b2)} == a, "the resumed Muon run is not the straight run"
 
 
+@pytest.mark.slow
 def test_muon_under_torchrun_equals_one_process(corpus, tmp_path):
     from test_distributed import TINY, torchrun, single, losses as dlosses
     modern = [x for k, v in MODERN.items() for x in ('--set', f'{k}={v}')]
@@ -57,6 +59,7 @@ def test_muon_under_torchrun_equals_one_process(corpus, tmp_path):
     assert max(abs(a[s] - b[s]) / a[s] for s in a) < 1e-4
 
 
+@pytest.mark.slow
 def test_muon_with_compile(corpus, tmp_path):
     p = run_cli(['--data', corpus, '--out-dir', tmp_path / 'c', '--max-steps', 4, *tiny_args(**MODERN, compile='true')],
                 timeout=600)

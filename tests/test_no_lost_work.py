@@ -76,6 +76,7 @@ def start_long_run(corpus, out, min_step=2):
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_while_a_run_trains(corpus, tmp_path):
     out = tmp_path / 'busy'
     holder = start_long_run(corpus, out, min_step=5)   # it has saved a checkpoint at step 4

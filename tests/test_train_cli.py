@@ -1,6 +1,7 @@
 """End to end: corpus -> tokenizer -> datasets -> training -> checkpoints, through the installed `tinylm_train`
 and through the Python API; reproducibility; a learning smoke test on the bundled corpus."""
 from __future__ import annotations
+import pytest
 import math, random, re
 
 import numpy as np
@@ -170,6 +171,7 @@ def test_python_api_fit_save_resume(ref_run, corpus, tmp_path):
 
 
 # ---------------------------------------------------------------- does it learn?
+@pytest.mark.slow
 def test_learns_on_bundled_corpus(tmp_path):
     "Default model, default (bundled Tiny Shakespeare) corpus, 300 steps: well below chance (ln 65 = 4.17)."
     out = tmp_path / 'learn'

@@ -1,11 +1,15 @@
 """The walkthrough notebook (nbs/15_walkthrough.ipynb) runs top to bottom in a real Jupyter kernel, as a learner
 runs it in JupyterLab: nbclient starts an ipykernel `python3` kernel and executes every cell with the short
 default settings (`LONG = False`)."""
+import pytest
 import os, tempfile, time
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+
+pytestmark = pytest.mark.slow   # the slow set (`pytest -m slow`): CI runs it after the quick loop
 
 WALKTHROUGH = Path(__file__).resolve().parent.parent / 'nbs' / '15_walkthrough.ipynb'
 

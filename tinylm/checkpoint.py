@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from .config import TrainingConfig, TinyLMError, os_error_cause
-from .tokenizer import Tokenizer
 from .bpe import tokenizer_from_state
 from .model import Transformer
 
@@ -39,7 +38,8 @@ def restore_rng(s: dict):
     version, state, gauss = s['python']
     random.setstate((version, tuple(state), gauss))
     n = s['numpy']
-    np.random.set_state((n['key'], n['state'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    state = n['state'].numpy().astype(np.uint32)
+    np.random.set_state((n['key'], state, n['pos'], n['has_gauss'], n['cached_gaussian']))
     torch.set_rng_state(s['torch'])
     if s.get('cuda') and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
@@ -90,7 +90,7 @@ def atomic_save(obj, path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 # %% ../nbs/08_checkpoint.ipynb #020923ef
-class CheckpointError(TinyLMError, ValueError): "A checkpoint that cannot be used: missing, corrupt, foreign or too new."
+class CheckpointError(TinyLMError, ValueError): "A checkpoint that cannot be used: missing, corrupt, foreign, too new."
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'tinylm-checkpoint', 3
 RESUMABLE_SINCE = 2   # versions from this one on continue exactly (see above)
@@ -130,7 +130,8 @@ def load_checkpoint(path) -> dict:
         if 'Weights only load failed' in str(e):
             raise CheckpointError(f"{p} holds objects that are not plain data; refusing to load it "
                                   "(tinylm checkpoints load with weights_only=True)") from None
-        raise CheckpointError(f"{p} is not a readable checkpoint (truncated, corrupt or not a torch file): {msg}") from None
+        raise CheckpointError(f"{p} is not a readable checkpoint (truncated, corrupt or not a torch file): "
+                              f"{msg}") from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not a tinylm checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
     v = ckpt.get('version')
@@ -146,8 +147,9 @@ def check_resumable(ckpt: dict):
     "Refuse to resume from a checkpoint whose run this tinylm cannot continue bit-exactly."
     if ckpt['version'] < RESUMABLE_SINCE:
         raise CheckpointError(
-            f"{ckpt['path']} has checkpoint format version {ckpt['version']} (tinylm {ckpt.get('tinylm_version', '0.1')}), "
-            f"whose data order this tinylm (format {CHECKPOINT_VERSION}) does not reproduce: resuming would not continue "
+            f"{ckpt['path']} has checkpoint format version {ckpt['version']} "
+            f"(tinylm {ckpt.get('tinylm_version', '0.1')}), whose data order this tinylm (format {CHECKPOINT_VERSION}) "
+            "does not reproduce: resuming would not continue "
             "the same run. Sample from it with tinylm_sample, finish the run with the tinylm version that wrote it, "
             "or start a new run")
     position = ckpt['sampler'].get('batches_consumed') if isinstance(ckpt['sampler'], dict) else None
@@ -174,7 +176,7 @@ def model_from_checkpoint(ckpt: dict, config: TrainingConfig | None = None):
 class RunBusy(TinyLMError): "The run folder is in use by another tinylm process."
 
 class RunLock:
-    "An exclusive advisory lock on a run folder, held by the one process that trains into it; the OS drops it when that process dies."
+    "An exclusive advisory lock on a run folder, held by the one process training into it; the OS drops it at its end."
     def __init__(self, out_dir):
         self.out_dir, self.path, self.fd = Path(out_dir), Path(out_dir) / '.lock', None
 

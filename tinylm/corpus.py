@@ -27,8 +27,9 @@ DEFAULT_CORPUS = BUNDLED_CORPUS   # tinylm/corpora/tinyshakespeare.txt, shipped 
 CHUNK_BYTES = 1 << 24             # 16 MiB of bytes per chunk: memory stays bounded whatever the corpus size
 
 def corpus_files(path=None) -> list[Path]:
-    "The files of the corpus at `path` (a file, a folder of `*.txt` files, or `bundled:NAME`; default: the bundled corpus)."
-    p = DEFAULT_CORPUS if path is None else resolve_data_path(path) if isinstance(path, str) else Path(path).expanduser()
+    "The files of the corpus at `path` (a file, a folder of `*.txt` files, or `bundled:NAME`; default: bundled)."
+    if path is None: p = DEFAULT_CORPUS
+    else: p = resolve_data_path(path) if isinstance(path, str) else Path(path).expanduser()
     if p.is_dir():
         files = sorted((q for q in p.glob('*.txt') if q.is_file()), key=lambda q: q.name)
         if not files: raise DataError(f"data folder {p} holds no *.txt files")
@@ -75,7 +76,7 @@ class CorpusReader:
         except OSError as e: raise DataError(f"cannot read data file {e.filename}: {os_error_cause(e)}") from None
 
     def chunks(self, sha256: bool = True):
-        "Yield the corpus as decoded strings; afterwards `n_chars`, `bytes_read` and `sha256` (None if not asked for) describe what was read."
+        "Yield the corpus as decoded strings; then `n_chars`, `bytes_read`, `sha256` (None unless asked) describe it."
         sha, self.n_chars, self.bytes_read = (hashlib.sha256() if sha256 else None), 0, 0
         for i, f in enumerate(self.files):
             last = ''
@@ -197,7 +198,8 @@ def _open_ids(path: Path, tok):
     try:
         if path.stat().st_size != meta['count'] * np.dtype(tok.dtype).itemsize: return None
         if meta['count'] == 0: return np.empty(0, dtype=tok.dtype)
-        with path.open('rb') as f: m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: never changes the file
+        with path.open('rb') as f:   # copy-on-write: the mapping never changes the file
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         if hasattr(m, 'madvise') and hasattr(mmap, 'MADV_RANDOM'): m.madvise(mmap.MADV_RANDOM)   # batches jump around
         return np.frombuffer(m, dtype=tok.dtype)
     except (OSError, ValueError, KeyError, TypeError): return None
@@ -206,10 +208,11 @@ def _split_meta(path: Path) -> int | None: return (_read_json(path.with_suffix('
 
 # %% ../nbs/03_corpus.ipynb #5021e3f2
 def train_chars(n_chars: int, val_fraction: float) -> int:
-    "Characters in the training part of a corpus of `n_chars`: the last `val_fraction` is validation (as `split_corpus`)."
+    "Characters in the training part of a corpus of `n_chars`: the last `val_fraction` is validation (`split_corpus`)."
     return n_chars - int(n_chars * val_fraction + 0.5)
 
-def _is_bpe(tokenizer, kind: str) -> bool: return isinstance(tokenizer, BPETokenizer) or (tokenizer is None and kind == 'bpe')
+def _is_bpe(tokenizer, kind: str) -> bool:
+    return isinstance(tokenizer, BPETokenizer) or (tokenizer is None and kind == 'bpe')
 
 def _bpe_in_memory(text: str, tok, vocab_size: int, val_fraction: float, source: str):
     "Train (unless given) on the training part, encode the two parts apart: (ids, tokenizer, first validation token)."
@@ -220,7 +223,7 @@ def _bpe_in_memory(text: str, tok, vocab_size: int, val_fraction: float, source:
 
 def prepare_corpus(path=None, tokenizer=None, progress=None, kind: str = 'char', vocab_size: int = 1024,
                    val_fraction: float = 0.05) -> Corpus:
-    "Token ids of the corpus at `path` with `tokenizer` (default: the corpus's own characters, or a BPE of `kind='bpe'`)."
+    "Token ids of the corpus at `path` with `tokenizer` (default: its own characters, or a BPE for `kind='bpe'`)."
     files = corpus_files(path)
     source = str(files[0] if len(files) == 1 else files[0].parent)
     reader = CorpusReader(files)
@@ -251,7 +254,8 @@ def prepare_corpus(path=None, tokenizer=None, progress=None, kind: str = 'char',
             ids = _open_ids(ids_path, tok)
     except OSError as e:
         raise DataError(f"cannot prepare {source} in the cache {entry.parent}: {os_error_cause(e)} (the token file "
-                        f"needs about {reader.n_bytes / 2**20:,.0f} MB; set TINYLM_CACHE_DIR to a folder with room)") from None
+                        f"needs about {reader.n_bytes / 2**20:,.0f} MB; set TINYLM_CACHE_DIR to a folder with "
+                        "room)") from None
     return Corpus(ids, tok, meta['sha256'], source, ids_path)
 
 # %% ../nbs/03_corpus.ipynb #47ef7be9
@@ -334,6 +338,7 @@ def show_progress(description: str, total: int, file=None):
         if tenth > shown[0]:
             shown[0] = tenth
             secs = time.perf_counter() - t0
-            print(f"{description}: {done / total:.0%} of {total / 2**20:,.0f} MB ({done / 2**20 / max(secs, 1e-9):,.0f} MB/s)",
+            rate = done / 2**20 / max(secs, 1e-9)
+            print(f"{description}: {done / total:.0%} of {total / 2**20:,.0f} MB ({rate:,.0f} MB/s)",
                   file=file, flush=True)
     return update

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 
-from .config import TinyLMError, ConfigError
+from .config import TinyLMError
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
@@ -33,7 +33,8 @@ def pick_device(name: str = 'auto') -> torch.device:
             raise DeviceError(f"device '{name}' was requested but CUDA is not available here; use --device cpu or auto")
         idx = int(name.split(':')[1]) if ':' in name else 0
         if idx >= torch.cuda.device_count():
-            raise DeviceError(f"device '{name}' was requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise DeviceError(f"device '{name}' was requested but only {torch.cuda.device_count()} CUDA device(s) "
+                              "exist")
     if name == 'mps' and not has_mps:
         raise DeviceError("device 'mps' was requested but MPS is not available here; use --device cpu or auto")
     return torch.device(name)

@@ -109,7 +109,8 @@ def execute_notebook(nb, cwd, timeout: int = 600) -> str | None:
         from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
         from jupyter_client.kernelspec import NoSuchKernel
     except ImportError as e:
-        raise DocsError(f"tinylm_docs needs nbclient and ipykernel ({e}); install the dev extras: pip install -e '.[dev]'") from None
+        raise DocsError(f"tinylm_docs needs nbclient and ipykernel ({e}); install the dev extras: "
+                        "pip install -e '.[dev]'") from None
     started = []
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(cwd)}},
                             coalesce_streams=True, on_cell_start=lambda cell, cell_index: started.append(cell_index))
@@ -226,12 +227,16 @@ def index_page(chapters: list[Chapter], title: str, description: str = '') -> st
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>
-body{{font:17px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;color:#222;max-width:860px;margin:2.5em auto;padding:0 1.2em}}
+body{{font:17px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;color:#222;max-width:860px;margin:2.5em auto;
+padding:0 1.2em}}
 h1{{font-size:2.2em;margin-bottom:.1em}} .tagline{{color:#555;margin-top:0}}
 ol{{list-style:none;padding:0}} li{{display:flex;gap:1em;padding:.7em 0;border-bottom:1px solid #e5e5e5}}
-.num{{min-width:2.2em;color:#888;font-variant-numeric:tabular-nums}} a{{color:#1a56b4;text-decoration:none;font-weight:600}}
-a:hover{{text-decoration:underline}} .desc{{color:#444;font-size:.93em}} code{{font-size:.92em;background:#f2f2f2;padding:0 .2em;border-radius:3px}}
-.failed{{color:#b00020;font-size:.85em;font-weight:600;margin-left:.5em}} footer{{color:#888;font-size:.85em;margin-top:2em}}
+.num{{min-width:2.2em;color:#888;font-variant-numeric:tabular-nums}}
+a{{color:#1a56b4;text-decoration:none;font-weight:600}}
+a:hover{{text-decoration:underline}} .desc{{color:#444;font-size:.93em}}
+code{{font-size:.92em;background:#f2f2f2;padding:0 .2em;border-radius:3px}}
+.failed{{color:#b00020;font-size:.85em;font-weight:600;margin-left:.5em}}
+footer{{color:#888;font-size:.85em;margin-top:2em}}
 </style></head>
 <body>
 <h1>{html.escape(title)}</h1>

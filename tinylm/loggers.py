@@ -61,7 +61,8 @@ class _Window:
 class ConsoleLogger(Hook):
     "Short progress lines for people, on stdout."
     order = 80
-    def __init__(self, print_fn=print, volatile: bool = True): self.print, self.volatile, self.quiet = print_fn, volatile, False
+    def __init__(self, print_fn=print, volatile: bool = True):
+        self.print, self.volatile, self.quiet = print_fn, volatile, False
     def say(self, msg: str):
         "Print `msg`; if the terminal is gone, stay quiet from now on."
         if self.quiet: return
@@ -81,7 +82,8 @@ class ConsoleLogger(Hook):
             speed = f" | {tps:,.0f} tok/s | {secs * 1000:.1f} ms/step" if self.volatile else ''
             self.say(f"step {t.step:>{w}}/{t.max_steps} | loss {t.last_loss.item():.4f} | lr {t.lr:.2e}{speed}")
     def after_eval(self, t):
-        bits = f"{t.last_val_bpb:.3f} bpb" if t.last_val_bpb is not None else f"{bits_per_char(t.last_val_loss):.3f} bpc"
+        bpb = t.last_val_bpb
+        bits = f"{bpb:.3f} bpb" if bpb is not None else f"{bits_per_char(t.last_val_loss):.3f} bpc"
         self.say(f"step {t.step} | val_loss {t.last_val_loss:.4f} ({bits}) | "
                  f"best {t.best_val_loss:.4f}")
     def after_sample(self, t): self.say(f"--- sample at step {t.step} ---\n{t.last_sample}\n---")
@@ -95,7 +97,8 @@ class ConsoleLogger(Hook):
 class ProgressBar(ConsoleLogger):
     "A tqdm bar over the run's steps; other console messages are printed above it."
     order = 5   # advance the bar before evaluation or sampling print their lines
-    def __init__(self, file=None, **tqdm_kwargs): self.file, self.kw, self.quiet, self.volatile = file, tqdm_kwargs, False, True
+    def __init__(self, file=None, **tqdm_kwargs):
+        self.file, self.kw, self.quiet, self.volatile = file, tqdm_kwargs, False, True
     def before_fit(self, t):
         from tqdm import tqdm   # the terminal bar (tqdm.auto would look for notebook widgets)
         self.print = lambda msg: tqdm.write(msg, file=self.file)
@@ -190,7 +193,7 @@ class JsonlLogger(Hook):
 class LogError(TinyLMError, ValueError): "A log file that cannot be read."
 
 def read_log(path, warn=None) -> list[dict]:
-    "The records of the `train.jsonl` at `path` (or in the run folder `path`); a torn last line is skipped with `warn(message)`."
+    "The records of the `train.jsonl` at `path` (or in the run folder `path`); a torn last line: `warn(message)`."
     p = Path(path)
     if p.is_dir(): p = p / 'train.jsonl'
     try: text = p.read_text(encoding='utf-8', errors='strict')
@@ -205,7 +208,8 @@ def read_log(path, warn=None) -> list[dict]:
                 (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
                     f"{p} line {n} is incomplete (its run was killed while writing it, or is writing it now); skipped")
                 continue
-            raise LogError(f"{p} line {n} is not valid JSON ({e.msg} at column {e.colno}): {brief(line[:60])}") from None
+            raise LogError(f"{p} line {n} is not valid JSON ({e.msg} at column {e.colno}): "
+                           f"{brief(line[:60])}") from None
         if not isinstance(rec, dict): raise LogError(f"{p} line {n} is not a JSON object: {brief(line[:60])}")
         records.append(rec)
     return records
@@ -235,7 +239,8 @@ class TensorBoardLogger(Hook):
             self.w.add_scalar('train/tokens_per_s', tps, t.step)
     def after_eval(self, t):
         self.w.add_scalar('val/loss', t.last_val_loss, t.step)
-        self.w.add_scalar('val/bpc', bits_per_char(t.last_val_loss) if t.last_val_bpc is None else t.last_val_bpc, t.step)
+        bpc = bits_per_char(t.last_val_loss) if t.last_val_bpc is None else t.last_val_bpc
+        self.w.add_scalar('val/bpc', bpc, t.step)
         if t.last_val_bpb is not None: self.w.add_scalar('val/bpb', t.last_val_bpb, t.step)
     def after_sample(self, t): self.w.add_text('sample', t.last_sample, t.step)
     def after_fit(self, t): self.w.close()

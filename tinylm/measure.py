@@ -66,7 +66,7 @@ def matmul_ceiling(n: int | None = None, reps: int = 10, dtype=torch.float32, de
 
 # %% ../nbs/16_measure.ipynb #61248501
 def setup(config: TrainingConfig):
-    "The trainer and training loader `tinylm_train` would build for `config`, without hooks or files: `(trainer, train_dl)`."
+    "The trainer and training loader `tinylm_train` builds for `config`, with no hooks or files: `(trainer, train_dl)`."
     out = tempfile.mkdtemp(prefix='tinylm_bench_')
     try: return build_trainer(config.with_overrides(out_dir=out), hooks=[])
     finally: shutil.rmtree(out, ignore_errors=True)
@@ -114,7 +114,8 @@ def step_breakdown(trainer: Trainer, train_dl, steps: int = 30) -> dict:
     finally: trainer.timer = None
     out = {f'{k}_s': stats(per_step[k])['median_s'] for k in PHASES}
     out['total_s'] = sum(out[f'{k}_s'] for k in PHASES)
-    out['data_fraction'], out['optimizer_fraction'] = out['data_s'] / out['total_s'], out['optimizer_s'] / out['total_s']
+    out['data_fraction'] = out['data_s'] / out['total_s']
+    out['optimizer_fraction'] = out['optimizer_s'] / out['total_s']
     out['steps'] = steps
     return out
 
@@ -252,8 +253,10 @@ def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 36
     t0 = time.time()   # and a resume of that run: to its next step
     _run([*train_command(), '--resume', str(folder / 'run'), '--max-steps', '2'], 'resuming', timeout=timeout, env=env)
     step2 = next(x for x in read_log(folder / 'run') if x['event'] == 'step' and x['step'] == 2)
-    return dict(mb=mb, prepare_s=prep['seconds'], prepare_mb_s=mb / prep['seconds'], prepare_peak_rss_mb=prep['peak_rss_mb'],
-                tokens=prep['tokens'], disk_mb=sum(f.stat().st_size for f in (folder / 'cache').rglob('*') if f.is_file()) / 1e6,
+    disk = sum(f.stat().st_size for f in (folder / 'cache').rglob('*') if f.is_file())
+    return dict(mb=mb, prepare_s=prep['seconds'], prepare_mb_s=mb / prep['seconds'],
+                prepare_peak_rss_mb=prep['peak_rss_mb'],
+                tokens=prep['tokens'], disk_mb=disk / 1e6,
                 to_first_step_s=run['to_first_step_s'], run_peak_rss_mb=run['peak_rss_mb'],
                 resume_to_step_s=_when(step2) - t0)
 

@@ -55,7 +55,8 @@ class LossCurves:
 def _num(rec, key):
     v = rec.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise PlotError(f"a '{rec.get('event')}' record at step {brief(rec.get('step'))} has a non-numeric {key}: {brief(v)}")
+        raise PlotError(f"a '{rec.get('event')}' record at step {brief(rec.get('step'))} has a non-numeric {key}: "
+                        f"{brief(v)}")
     return v
 
 def _series(points: dict) -> tuple[list, list]:
@@ -114,7 +115,8 @@ def plot_curves(curves: LossCurves, width: float = 8.0, height: float = 4.5, dpi
         ax.plot(curves.val_steps, curves.val_loss, color='C1', lw=1.5, marker='o', ms=4,
                 label=f"val loss (last: {v:.4f}" + (f"; {bits})" if bits else ")"))
     for i, s in enumerate(curves.resume_steps):
-        for a in (ax, ax_lr) if ax_lr else (ax,): a.axvline(s, color='0.6', ls=':', lw=1, label='resumed' if i == 0 and a is ax else None)
+        for a in (ax, ax_lr) if ax_lr else (ax,):
+            a.axvline(s, color='0.6', ls=':', lw=1, label='resumed' if i == 0 and a is ax else None)
     ax.set_ylabel('loss (nats)')
     if curves.tokenizer == 'char':   # a character per token: the loss in bits is bits per character
         ax.secondary_yaxis('right', functions=(lambda x: x / LN2, lambda b: b * LN2)).set_ylabel('bits per character')

@@ -72,7 +72,7 @@ class Tokenizer:
 
     @staticmethod
     def chars_of(text: str, known: str = '') -> str:
-        "The sorted set of the characters of `text` and of `known` (a vocabulary built so far, e.g. over earlier chunks)."
+        "The sorted set of the characters of `text` and of `known` (a vocabulary so far, say of earlier chunks)."
         seen = known.encode('ascii', 'ignore')   # the ASCII bytes met so far; the other characters
         other = {c for c in known if c > '\x7f'}
         for start in range(0, len(text), _SLICE):
@@ -96,7 +96,7 @@ class Tokenizer:
 # %% ../nbs/01_tokenizer.ipynb #3cadb917
 @patch
 def encode(self: Tokenizer, text: str, offset: int = 0) -> np.ndarray:
-    "Ids of the characters of `text` as a 1-D array of `self.dtype`; an unknown character raises `TokenizerError`, its position counted from `offset`."
+    "Ids of the characters of `text` (1-D, `self.dtype`); an unknown one raises `TokenizerError` (at `offset` + i)."
     if not isinstance(text, str): raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
     out = np.empty(len(text), dtype=self.dtype)
     for start in range(0, len(text), _SLICE):
@@ -107,11 +107,13 @@ def encode(self: Tokenizer, text: str, offset: int = 0) -> np.ndarray:
                 out[start:start + len(part)] = np.frombuffer(data.translate(self._ascii_map), dtype=np.uint8)
                 continue
             ids = self._ascii[np.frombuffer(data, dtype=np.uint8)]   # some are not: find the first one below
-        else: ids = self._table[np.minimum(_codepoints(part, offset + start), len(self._table) - 1)]  # -1 sentinel if too big
+        else:   # a code point past the table maps to its last slot, the -1 sentinel
+            ids = self._table[np.minimum(_codepoints(part, offset + start), len(self._table) - 1)]
         unknown = ids < 0
         if unknown.any():
             pos = start + int(unknown.argmax())   # one entry per character, so this is the index in the str too
-            raise TokenizerError(f"character {_describe(text[pos])} at position {offset + pos} is not in the vocabulary "
+            raise TokenizerError(f"character {_describe(text[pos])} at position {offset + pos} is not in the "
+                                 "vocabulary "
                                  f"({self.vocab_size} characters)")
         out[start:start + len(part)] = ids
     return out
@@ -160,7 +162,7 @@ def from_state_dict(cls: Tokenizer, d) -> Tokenizer:
     if not isinstance(d, dict):
         raise TokenizerError(f"tokenizer state must be a dict, got {type(d).__name__}")
     if d.get('kind') != 'char':
-        raise TokenizerError(f"tokenizer state has kind {d.get('kind')!r}, expected 'char' (a character-level tokenizer)")
+        raise TokenizerError(f"tokenizer state has kind {d.get('kind')!r}, expected 'char' (a character tokenizer)")
     if d.get('version', 1) != 1:
         raise TokenizerError(f"tokenizer state has version {d.get('version')!r}; this tinylm reads version 1 only")
     if 'chars' not in d: raise TokenizerError("tokenizer state is missing 'chars' (the vocabulary)")

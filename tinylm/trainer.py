@@ -259,7 +259,7 @@ def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None) -> 
 @patch(cls_method=True)
 def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=None, hooks=None,
                     config: TrainingConfig | None = None, device=None, rank: int = 0, world_size: int = 1, wrap=None):
-    "Rebuild a Trainer from a checkpoint file (or loaded checkpoint); with `train_dataloader`, put it at the saved data position."
+    "Rebuild a Trainer from a checkpoint file (or loaded checkpoint); a `train_dataloader` goes to the saved position."
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)
     check_resumable(ckpt)
     where = ckpt.get('path', str(path))
