@@ -1,4 +1,4 @@
-"""The walkthrough notebook (nbs/15_walkthrough.ipynb) runs top to bottom in a real Jupyter kernel, as a learner
+"""The walkthrough notebook (nbs/16_walkthrough.ipynb) runs top to bottom in a real Jupyter kernel, as a learner
 runs it in JupyterLab: nbclient starts an ipykernel `python3` kernel and executes every cell with the short
 default settings (`LONG = False`)."""
 import os, tempfile, time
@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-WALKTHROUGH = Path(__file__).resolve().parent.parent / 'nbs' / '15_walkthrough.ipynb'
+WALKTHROUGH = Path(__file__).resolve().parent.parent / 'nbs' / '16_walkthrough.ipynb'
 
 
 def ensure_python3_kernel():
