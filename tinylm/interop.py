@@ -33,7 +33,7 @@ def hf_modules():
     try:
         import transformers, safetensors
     except ImportError as e:
-        raise InteropError(f"Hugging Face folders need the hf extra ({e.name} is not installed): {HF_EXTRA}") from None
+        raise InteropError(f"a Hugging Face folder needs the hf extra ({e.name} is not installed): {HF_EXTRA}") from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return transformers, safetensors
