@@ -162,8 +162,9 @@ def test_bad_sources_are_one_error_line_and_nothing_is_written(tmp_path, corpus)
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'file.txt').write_text('not a model')
     llama = tmp_path / 'llama'
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                           num_attention_heads=2, vocab_size=300)).save_pretrained(llama)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   vocab_size=300)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(llama)
     shutil.copy(gpt2_dir / 'tokenizer.json', llama)
     unfit = shutil.copytree(gpt2_dir, tmp_path / 'unfit')
     (unfit / 'config.json').write_text(json.dumps({**json.loads((unfit / 'config.json').read_text()), 'n_embd': 64}))
@@ -213,7 +214,8 @@ def test_without_the_extra_training_works_and_hf_folders_name_the_extra(src, tmp
     block.mkdir(parents=True)
     (block / '__init__.py').write_text("raise ImportError('No module named transformers', name='transformers')\n")
     e = {**env(), 'PYTHONPATH': f"{block.parent}:{env().get('PYTHONPATH', '')}"}
-    blocked = lambda *a: subprocess.run(['tinylm_train', *map(str, a)], capture_output=True, text=True, env=e, timeout=120)
+    blocked = lambda *a: subprocess.run(['tinylm_train', *map(str, a)], capture_output=True, text=True, env=e,
+                                        timeout=120)
     p = blocked('--data', corpus, '--out-dir', tmp_path / 'plain', '--max-steps', 1, *tiny_args())
     assert p.returncode == 0, p.stderr
     hf_dir = export_ok(src, tmp_path / 'hf')
@@ -223,3 +225,19 @@ def test_without_the_extra_training_works_and_hf_folders_name_the_extra(src, tmp
                        text=True, env=e, timeout=120)
     assert_clean_error(p.returncode, p.stdout, p.stderr, contains='needs the hf extra')
     assert not (tmp_path / 'hf2').exists()
+
+
+def test_init_from_under_torchrun_matches_one_process(src, tmp_path, corpus):
+    "Two processes started from an exported folder train what one process trains, and log the source once."
+    from test_distributed import TINY, torchrun, single
+    hf_dir = export_ok(src, tmp_path / 'hf')
+    args = ['--init-from', str(hf_dir), '--data', str(corpus), '--max-steps', '4', *TINY]
+    two = torchrun([*args, '--out-dir', str(tmp_path / 'two')])
+    one = single([*args, '--out-dir', str(tmp_path / 'one')])
+    assert two.returncode == 0 and one.returncode == 0, (two.stderr[-2000:], one.stderr[-2000:])
+    a, b = (read_jsonl(tmp_path / d / 'train.jsonl') for d in ('one', 'two'))
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4] and max(abs(la[s] - lb[s]) / la[s] for s in la) < 1e-5
+    starts = events(b, 'run_start')
+    assert len(starts) == 1 and starts[0]['world_size'] == 2
+    assert starts[0]['init_from'] == events(a, 'run_start')[0]['init_from'] and starts[0]['init_from']['kind'] == 'gpt2'
