@@ -241,3 +241,19 @@ def test_init_from_under_torchrun_matches_one_process(src, tmp_path, corpus):
     starts = events(b, 'run_start')
     assert len(starts) == 1 and starts[0]['world_size'] == 2
     assert starts[0]['init_from'] == events(a, 'run_start')[0]['init_from'] and starts[0]['init_from']['kind'] == 'gpt2'
+
+
+def test_an_older_gpt2_folder_with_vocab_and_merges_reads_its_tokenizer(tmp_path, corpus):
+    "No tokenizer.json, only GPT-2's vocab.json and merges.txt: transformers converts them (and adds <|endoftext|>)."
+    from tokenizers import Tokenizer as HFTokenizer
+    from tinylm.bpe import BPETokenizer, text_pieces
+    from tinylm.interop import read_hf
+    bpe = BPETokenizer.train(text_pieces(corpus.read_text(encoding='utf-8')), 300)
+    cfg = transformers.GPT2Config(vocab_size=301, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=None,
+                                  eos_token_id=None)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    HFTokenizer.from_str(bpe.json).model.save(str(tmp_path))
+    assert not (tmp_path / 'tokenizer.json').exists() and (tmp_path / 'merges.txt').exists()
+    tok = read_hf(tmp_path).tokenizer
+    assert tok.vocab_size == 301 and tok.encode(TEXT).tolist() == bpe.encode(TEXT).tolist()
+    assert tok.decode(tok.encode(TEXT)) == TEXT
