@@ -69,7 +69,8 @@ def bundled_recipes() -> list[str]:
 # %% ../nbs/00_config.ipynb #34af22fc
 _DEVICE_RE = re.compile(r'^(auto|cpu|mps|cuda(:\d+)?)$')
 _CHOICES = {'precision': ('auto', 'float32', 'bfloat16', 'float16'), 'progress': ('auto', 'bar', 'plain', 'none'),
-            'pos_emb': ('learned', 'rope'), 'norm': ('layernorm', 'rmsnorm'), 'activation': ('gelu', 'relu2'),
+            'pos_emb': ('learned', 'rope'), 'norm': ('layernorm', 'rmsnorm'),
+            'activation': ('gelu', 'gelu_tanh', 'relu2'),
             'optimizer': ('adamw', 'muon'), 'lr_schedule': ('cosine', 'wsd'),
             'muon_ns_coefficients': ('muon', 'polar_express'), 'muon_ns_dtype': ('auto', 'float32', 'bfloat16')}
 
@@ -96,7 +97,7 @@ class TrainingConfig:
     pos_emb: str = 'learned'         # learned | rope (rotary: no position table)
     norm: str = 'layernorm'          # layernorm | rmsnorm (parameter-free)
     qk_norm: bool = False            # RMS-normalise each head's queries and keys
-    activation: str = 'gelu'         # gelu | relu2 (the square of a ReLU)
+    activation: str = 'gelu'         # gelu | gelu_tanh (GPT-2's tanh approximation) | relu2 (a ReLU squared)
     tie_embeddings: bool = True      # the output head shares the token embedding matrix
     zero_init: bool = False          # output projections (and an untied head) start at zero
     # -- optimizer and schedule

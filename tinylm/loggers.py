@@ -166,6 +166,7 @@ class JsonlLogger(Hook):
                    tinylm_version=str(tinylm.__version__), tokenizer=tok,
                    git_commit=git_commit(), hooks=[hook_name(h) for h in t.hooks], config=t.config.to_dict(),
                    resumed_from=None if t.resumed_from is None else str(t.resumed_from), data_sha256=t.data_sha256,
+                   init_from=t.init_from,
                    n_params=m.num_params(), vocab_size=t.tokenizer.vocab_size if t.tokenizer else m.vocab_size,
                    device=str(t.device), torch_version=str(torch.__version__), world_size=t.world_size,
                    max_steps=t.max_steps, tokens_per_step=t.tokens_per_step, threads=torch.get_num_threads(),

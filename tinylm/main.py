@@ -4,7 +4,8 @@
 
 # %% ../nbs/12_main.ipynb #1f03e76d
 from __future__ import annotations
-import argparse, importlib, random, shutil, signal, sys
+import argparse, hashlib, importlib, random, shutil, signal, sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +15,29 @@ from .config import (TrainingConfig, TinyLMError, ConfigError, load_config, read
                            bundled_recipes, brief)
 from .tokenizer import Tokenizer
 from .bpe import BPETokenizer, tokenizer_from_state
-from .corpus import prepare_corpus, show_progress
+from .corpus import prepare_corpus, show_progress, corpus_files, CorpusReader
 from .data import split_corpus, WindowDataset, make_dataloaders, DataError
 from .model import Transformer
 from .optim import create_optimizer
 from .device import DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp
-from .checkpoint import CheckpointError, load_checkpoint, check_resumable, find_checkpoints, RunLock
+from .checkpoint import (CheckpointError, load_checkpoint, check_resumable, find_checkpoints, RunLock,
+                               model_from_checkpoint)
 from .trainer import Trainer, Evaluator, Sampler, Checkpointer, GracefulStop
 from .loggers import ConsoleLogger, ProgressBar, JsonlLogger, TensorBoardLogger, tensorboard_writer_class
 from .cli import CLIParser, run_command, exit_with, say
 
 # %% auto #0
-__all__ = ['RESUMABLE_FIELDS', 'make_parser', 'cli_overrides', 'build_config', 'seed_everything', 'standard_hooks', 'load_hook',
-           'prepare_data', 'check_fresh_out_dir', 'clear_run', 'build_trainer', 'TrainSession', 'main', 'cli']
+__all__ = ['RESUMABLE_FIELDS', 'SHAPE_FIELDS', 'make_parser', 'cli_overrides', 'build_config', 'InitError', 'InitSource',
+           'weights_sha256', 'read_init_source', 'init_config', 'seed_everything', 'standard_hooks', 'load_hook',
+           'prepare_data', 'check_fresh_out_dir', 'clear_run', 'check_vocabulary', 'build_trainer', 'TrainSession',
+           'main', 'cli']
 
 # %% ../nbs/12_main.ipynb #49c9c900
 def make_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='tinylm_train', description='Train a small character-level GPT; resume it exactly.',
                 epilog='Examples:\n  tinylm_train --max-steps 100\n  tinylm_train --resume out --max-steps 200\n'
                        '  tinylm_train --config modern --out-dir modern   # Muon, rotary positions, QK-norm\n'
+                       '  tinylm_train --init-from my-gpt2/ --data notes.txt --max-steps 200   # fine-tune\n'
                        '  tinylm_train --config run.yaml --set dropout=0.1 --set n_layer=6\n'
                        f"\nBundled recipes (--config NAME): {', '.join(bundled_recipes())}",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +47,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-steps', '--max_steps', dest='max_steps', type=int, metavar='N',
                    help='total optimizer steps of the run (a resumed run continues up to N)')
     p.add_argument('--resume', metavar='PATH', help='checkpoint file, or a run folder (its latest checkpoint)')
+    p.add_argument('--init-from', '--init_from', dest='init_from', metavar='PATH',
+                   help='start a new run from the weights and tokenizer of a tinylm checkpoint or run folder, or of a '
+                        'local Hugging Face folder (GPT-2, or what tinylm_export writes)')
     p.add_argument('--out-dir', '--out_dir', dest='out_dir', metavar='DIR', help='where train.jsonl and checkpoints/ go')
     p.add_argument('--overwrite', action='store_true',
                    help='start a new run in an out_dir that holds an earlier run, deleting its checkpoints and log '
@@ -78,11 +86,13 @@ def cli_overrides(args) -> dict:
         if getattr(args, flag, None) is not None: ov[field] = getattr(args, flag)
     return ov
 
-def build_config(args, ckpt: dict | None = None) -> TrainingConfig:
-    "Defaults ← YAML ← command line for a new run; checkpoint ← allowed overrides for a resumed one."
+def build_config(args, ckpt: dict | None = None, init: InitSource | None = None) -> TrainingConfig:
+    "Defaults ← YAML ← command line (← `init`'s shape) for a new run; checkpoint ← allowed overrides for a resumed one."
     if ckpt is None:
         base = load_config(args.config) if args.config else TrainingConfig()
-        return base.with_overrides(**cli_overrides(args))
+        config = base.with_overrides(**cli_overrides(args))
+        if init is None: return config
+        return init_config(config, init, read_config_file(args.config) if args.config else {}, cli_overrides(args))
     try: saved = TrainingConfig.from_dict(ckpt['config'], source=f"{ckpt['path']} (config)")
     except TinyLMError as e: raise CheckpointError(str(e)) from None
     ov = {**(read_config_file(args.config) if args.config else {}), **cli_overrides(args)}
@@ -96,6 +106,59 @@ def build_config(args, ckpt: dict | None = None) -> TrainingConfig:
                               f"you asked for {brief(getattr(config, k))}): it would change the model, the data order or "
                               "the schedule, so the run would no longer be the one it continues; start a new run instead")
     return config
+
+# %% ../nbs/12_main.ipynb #d9ca1ca4
+SHAPE_FIELDS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'pos_emb', 'norm', 'qk_norm', 'activation',
+                'tie_embeddings')
+
+class InitError(TinyLMError, ValueError): "A source of `--init-from` that cannot start a run."
+
+@dataclass
+class InitSource:
+    "The weights a new run starts from: where they are, the shape of the model they fit, the state dict, the tokenizer."
+    path: str
+    kind: str          # 'tinylm', or the Hugging Face model_type ('gpt2', 'apertus')
+    fields: dict       # the SHAPE_FIELDS of the model the weights fit
+    state: dict        # a tinylm state dict
+    tokenizer: object  # a character Tokenizer or a BPETokenizer
+
+    def record(self) -> dict:
+        "What `run_start` records: the path, the kind and `weights_sha256` of the weights."
+        return {'path': self.path, 'kind': self.kind, 'sha256': weights_sha256(self.state)}
+
+def weights_sha256(state: dict) -> str:
+    "A sha256 of every tensor of a state dict — name, dtype, shape and bytes, in name order — however it was stored."
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def read_init_source(path) -> InitSource:
+    "The weights, shape and tokenizer of a tinylm checkpoint or run folder, or of a local Hugging Face model folder."
+    p = Path(path).expanduser()
+    try:
+        if not p.exists(): raise InitError(f"{p} not found")
+        if p.is_dir() and (p / 'config.json').exists():   # a Hugging Face folder: chapter 15 reads it
+            return importlib.import_module('tinylm.interop').read_hf(p)
+        if p.is_dir() and not (find_checkpoints(p) or find_checkpoints(p / 'checkpoints')):
+            raise InitError(f"{p} is neither a tinylm run folder (no checkpoint) nor a Hugging Face model folder "
+                            "(no config.json)")
+        model, tok, config = model_from_checkpoint(load_checkpoint(p))
+    except TinyLMError as e: raise InitError(f"--init-from: {e}") from None
+    return InitSource(str(p), 'tinylm', {k: getattr(config, k) for k in SHAPE_FIELDS}, model.state_dict(), tok)
+
+def init_config(config: TrainingConfig, init: InitSource, from_yaml: dict, from_cli: dict) -> TrainingConfig:
+    "`config` with the shape and tokenizer of the `init` weights; a setting that disagrees with them is an error."
+    asked, kind = {**from_yaml, **from_cli}, 'char' if isinstance(init.tokenizer, Tokenizer) else 'bpe'
+    for k, v in {**init.fields, 'tokenizer': kind}.items():
+        if k in asked and getattr(config, k) != v:
+            where = 'on the command line' if k in from_cli else 'in the config file'
+            raise ConfigError(f"--init-from {init.path}: its model has {k}={brief(v)}, but "
+                              f"{k}={brief(getattr(config, k))} is set {where}; a run started from weights has their "
+                              "shape and tokenizer: drop the setting")
+    return config.with_overrides(**init.fields, tokenizer=kind)
 
 # %% ../nbs/12_main.ipynb #abb11969
 def seed_everything(seed: int):
@@ -153,8 +216,19 @@ def clear_run(out_dir):
     (out / 'train.jsonl').unlink(missing_ok=True)
     shutil.rmtree(out / 'tensorboard', ignore_errors=True)
 
+def check_vocabulary(data_path: str, tok: Tokenizer, source: str):
+    "Raise `DataError` if the corpus has characters that the character vocabulary `tok` lacks, naming some of them."
+    chars = ''
+    for text in CorpusReader(corpus_files(data_path)).chunks(): chars = Tokenizer.chars_of(text, chars)
+    missing = [c for c in chars if c not in set(tok.chars)]
+    if missing:
+        shown = ', '.join(f"{c!r} (U+{ord(c):04X})" for c in missing[:8]) + (', ...' if len(missing) > 8 else '')
+        raise DataError(f"{data_path} has {len(missing)} character(s) that the vocabulary of {source} "
+                        f"({tok.vocab_size} characters) lacks: {shown}; a character model can only be trained further "
+                        "on text written with its own characters")
+
 def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, allow_data_change: bool = False,
-                  dist: DistInfo | None = None, overwrite: bool = False, progress=None):
+                  dist: DistInfo | None = None, overwrite: bool = False, progress=None, init: InitSource | None = None):
     "Everything up to the first step: returns (trainer, train_loader). Joins the process group under torchrun."
     dist = dist or DistInfo()
     device = setup_device(config, dist)
@@ -162,7 +236,11 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     if ckpt is None: check_fresh_out_dir(config, overwrite)
     first_here = dist.local_rank == 0
     if dist.enabled and not first_here: torch.distributed.barrier()   # wait: the first process prepares the corpus
-    tok, train_ds, val_ds, sha = prepare_data(config, ckpt and tokenizer_from_state(ckpt['tokenizer']), progress)
+    given = tokenizer_from_state(ckpt['tokenizer']) if ckpt is not None else init and init.tokenizer
+    try: tok, train_ds, val_ds, sha = prepare_data(config, given, progress)
+    except DataError:
+        if init is not None and isinstance(given, Tokenizer): check_vocabulary(config.data_path, given, init.path)
+        raise
     if dist.enabled and first_here: torch.distributed.barrier()
     if ckpt is not None and ckpt.get('data_sha256') and sha != ckpt['data_sha256'] and not allow_data_change:
         raise DataError(f"{config.data_path} differs from the corpus the checkpoint was trained on "
@@ -175,12 +253,19 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     ranks = dict(rank=dist.rank, world_size=dist.world_size)
     if ckpt is None:
         seed_everything(config.seed)   # the same seed on every rank: identical weights and random streams
-        model = Transformer(tok.vocab_size, config).to(device)
+        model = Transformer(tok.vocab_size, config)   # the random init still draws: the streams after it are the seed's
+        if init is not None:
+            try: model.load_state_dict(init.state)
+            except RuntimeError as e:
+                raise InitError(f"--init-from {init.path}: the weights do not fit the model: "
+                                f"{str(e).strip().splitlines()[0][:200]}") from None
+        model = model.to(device)
         optimizer = create_optimizer(model, config)
         trainer = Trainer(wrap(model), optimizer, config, val_dl, tok, hooks, device=device, **ranks)
     else:
         trainer = Trainer.from_checkpoint(ckpt, val_dl, train_dl, hooks, config=config, device=device, wrap=wrap, **ranks)
     trainer.data_sha256 = sha
+    trainer.init_from = init.record() if init is not None else ckpt.get('init_from') if ckpt is not None else None
     return trainer, train_dl
 
 # %% ../nbs/12_main.ipynb #17602fdf
@@ -201,9 +286,12 @@ class TrainSession:
         self.prefix = f"[rank {dist.rank}] " if dist.enabled else ''
         if args.overwrite and args.resume:
             raise ConfigError("--overwrite starts a new run and cannot be combined with --resume")
+        if args.init_from and args.resume:
+            raise ConfigError("--init-from starts a new run from weights and cannot be combined with --resume")
         ckpt = load_checkpoint(args.resume) if args.resume else None
         if ckpt is not None: check_resumable(ckpt)
-        config = build_config(args, ckpt)
+        init = read_init_source(args.init_from) if args.init_from else None
+        config = build_config(args, ckpt, init)
         if ckpt is not None and config.max_steps <= ckpt['step']:
             raise ConfigError(f"the checkpoint is already at step {ckpt['step']} and max_steps is {config.max_steps}: "
                               f"nothing to train; pass a larger --max-steps")
@@ -212,7 +300,7 @@ class TrainSession:
         hooks = standard_hooks(config, main_rank=dist.is_main) + [load_hook(h) for h in args.hooks]
         try:
             trainer, train_dl = build_trainer(config, ckpt, hooks, args.allow_data_change, dist, args.overwrite,
-                                              progress=show_progress if dist.is_main else None)
+                                              progress=show_progress if dist.is_main else None, init=init)
             if dist.is_main:
                 lock.acquire()
                 if args.overwrite: clear_run(config.out_dir)

@@ -72,12 +72,14 @@ class ReLUSquared(nn.Module):
     "relu(x)², the MLP activation of the Primer paper and of modded-nanogpt."
     def forward(self, x): return F.relu(x).square()
 
+_GELU = {'gelu': 'none', 'gelu_tanh': 'tanh'}   # nn.GELU's name of each variant
+
 class MLP(nn.Module):
-    "Position-wise feed-forward network: n_embd -> 4*n_embd -> GELU or ReLU² -> n_embd, then dropout."
+    "Position-wise feed-forward network: n_embd -> 4*n_embd -> GELU (exact or tanh) or ReLU² -> n_embd, then dropout."
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = ReLUSquared() if config.activation == 'relu2' else nn.GELU()
+        self.act = ReLUSquared() if config.activation == 'relu2' else nn.GELU(approximate=_GELU[config.activation])
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -58,7 +58,7 @@ class Trainer:
         self.last_loss = self.last_val_loss = self.last_sample = self.last_checkpoint = None
         self.lr, self.train_seconds, self.step_seconds, self.max_steps = None, 0.0, 0.0, config.max_steps
         self.last_eval_step = self.last_sample_step = self.last_val_bpb = self.last_val_bpc = None
-        self.resumed_from, self.data_sha256, self.status, self.error = None, None, 'created', None
+        self.resumed_from, self.data_sha256, self.init_from, self.status, self.error = None, None, None, 'created', None
         self.stop_requested, self.stop_signal = False, None
         self.train_loader, self.restore_position, self.timer = None, None, None
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
@@ -247,7 +247,7 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
             'tokenizer': tok.state_dict(), 'rng': capture_rng(), 'sampler': {'batches_consumed': self.data_position},
             'best_val_loss': float(self.best_val_loss),
             'last_val_loss': None if self.last_val_loss is None else float(self.last_val_loss),
-            'data_sha256': self.data_sha256, 'world_size': self.world_size,
+            'data_sha256': self.data_sha256, 'world_size': self.world_size, 'init_from': self.init_from,
             'torch_version': str(torch.__version__), 'tinylm_version': str(tinylm.__version__),
             'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
