@@ -216,8 +216,10 @@ def _check_values(c: TrainingConfig):
     need(c.muon_weight_decay >= 0, f"config field 'muon_weight_decay' must be >= 0, got {c.muon_weight_decay}")
     need(0 < c.decay_fraction <= 1, f"config field 'decay_fraction' must be in (0, 1], got {c.decay_fraction}")
     need(c.pos_emb != 'rope' or (c.n_embd // c.n_head) % 2 == 0,
-         f"pos_emb: rope needs an even head size (n_embd / n_head), got {c.n_embd} / {c.n_head} = {c.n_embd // c.n_head}")
-    need(257 <= c.bpe_vocab_size <= 1 << 20, f"config field 'bpe_vocab_size' must be in [257, {1 << 20}] (the 256 bytes "
+         f"pos_emb: rope needs an even head size (n_embd / n_head), got {c.n_embd} / {c.n_head} = "
+         f"{c.n_embd // c.n_head}")
+    need(257 <= c.bpe_vocab_size <= 1 << 20,
+         f"config field 'bpe_vocab_size' must be in [257, {1 << 20}] (the 256 bytes "
          f"and at least one merge), got {c.bpe_vocab_size}")
     need(c.tokenizer in ('char', 'bpe') or _looks_like_path(c.tokenizer), _tokenizer_message(c.tokenizer))
     need(c.data_path != '', "config field 'data_path' must not be empty")
@@ -225,7 +227,8 @@ def _check_values(c: TrainingConfig):
     need(bool(_DEVICE_RE.match(c.device)),
          f"config field 'device' must be one of auto, cpu, cuda, cuda:N, mps; got {brief(c.device)}")
     for n, choices in _CHOICES.items():
-        need(getattr(c, n) in choices, f"config field '{n}' must be one of {', '.join(choices)}; got {brief(getattr(c, n))}")
+        need(getattr(c, n) in choices,
+             f"config field '{n}' must be one of {', '.join(choices)}; got {brief(getattr(c, n))}")
 
 # %% ../nbs/00_config.ipynb #47fbf4a0
 def _looks_like_path(v: str) -> bool: return v.endswith('.json') or '/' in v or os.sep in v or v.startswith(('.', '~'))
@@ -250,7 +253,8 @@ class _NoAliasLoader(yaml.SafeLoader):
 def load_yaml(text: str, source: str = 'config'):
     "Parse YAML `text` with safe_load's rules, no aliases and at most `MAX_YAML_BYTES`; errors name `source`."
     if len(text) > MAX_YAML_BYTES:
-        raise ConfigError(f"{source}: {len(text):,} characters is far too long for a config (at most {MAX_YAML_BYTES:,})")
+        raise ConfigError(f"{source}: {len(text):,} characters is far too long for a config "
+                          f"(at most {MAX_YAML_BYTES:,})")
     try: return yaml.load(text, Loader=_NoAliasLoader)
     except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
@@ -276,7 +280,8 @@ def read_config_file(path_or_name) -> dict:
     if p.is_dir(): raise ConfigError(f"config path is a directory, not a YAML file: {p}")
     try:
         if p.stat().st_size > MAX_YAML_BYTES:
-            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is far too long for a config (at most {MAX_YAML_BYTES:,})")
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is far too long for a config "
+                              f"(at most {MAX_YAML_BYTES:,})")
         text = p.read_text(encoding='utf-8')
     except UnicodeDecodeError as e: raise ConfigError(f"{p}: not valid UTF-8 text (byte offset {e.start})") from None
     except OSError as e: raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None

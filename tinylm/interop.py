@@ -15,7 +15,7 @@ from .bpe import BPETokenizer
 from .model import Transformer
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .cli import CLIParser, command, say
-from .main import SHAPE_FIELDS, InitSource
+from .main import InitSource
 
 # %% auto #0
 __all__ = ['HF_EXTRA', 'HF_ACT', 'RMS_EPS', 'ARCHITECTURES', 'main', 'cli', 'InteropError', 'hf_modules', 'architecture',
@@ -33,7 +33,8 @@ def hf_modules():
     try:
         import transformers, safetensors
     except ImportError as e:
-        raise InteropError(f"a Hugging Face folder needs the hf extra ({e.name} is not installed): {HF_EXTRA}") from None
+        raise InteropError(f"a Hugging Face folder needs the hf extra ({e.name} is not installed): "
+                           f"{HF_EXTRA}") from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return transformers, safetensors

@@ -41,7 +41,7 @@ def make_parser() -> argparse.ArgumentParser:
                        '  tinylm_train --config run.yaml --set dropout=0.1 --set n_layer=6\n'
                        f"\nBundled recipes (--config NAME): {', '.join(bundled_recipes())}",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', metavar='PATH|RECIPE', help='YAML file of config fields, or the name of a bundled recipe')
+    p.add_argument('--config', metavar='PATH|RECIPE', help='YAML file of config fields, or a bundled recipe\'s name')
     p.add_argument('--data', metavar='PATH', help='UTF-8 text file, or a folder of *.txt files, to train on '
                    '(default: bundled Tiny Shakespeare)')
     p.add_argument('--max-steps', '--max_steps', dest='max_steps', type=int, metavar='N',
@@ -50,7 +50,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--init-from', '--init_from', dest='init_from', metavar='PATH',
                    help='start a new run from the weights and tokenizer of a tinylm checkpoint or run folder, or of a '
                         'local Hugging Face folder (GPT-2, or what tinylm_export writes)')
-    p.add_argument('--out-dir', '--out_dir', dest='out_dir', metavar='DIR', help='where train.jsonl and checkpoints/ go')
+    p.add_argument('--out-dir', '--out_dir', dest='out_dir', metavar='DIR',
+                   help='where train.jsonl and checkpoints/ go')
     p.add_argument('--overwrite', action='store_true',
                    help='start a new run in an out_dir that holds an earlier run, deleting its checkpoints and log '
                         '(only once the new run has validated its config and loaded its data)')
@@ -103,8 +104,9 @@ def build_config(args, ckpt: dict | None = None, init: InitSource | None = None)
     for k in ov:
         if k not in RESUMABLE_FIELDS and getattr(config, k) != getattr(saved, k):
             raise ConfigError(f"cannot change '{k}' when resuming (the checkpoint has {brief(getattr(saved, k))}, "
-                              f"you asked for {brief(getattr(config, k))}): it would change the model, the data order or "
-                              "the schedule, so the run would no longer be the one it continues; start a new run instead")
+                              f"you asked for {brief(getattr(config, k))}): it would change the model, the data "
+                              "order or the schedule, so the run would no longer be the one it continues; start a new "
+                              "run instead")
     return config
 
 # %% ../nbs/12_main.ipynb #d9ca1ca4
@@ -191,11 +193,13 @@ def load_hook(spec: str):
 
 def prepare_data(config: TrainingConfig, tokenizer: Tokenizer | None = None, progress=None):
     "Tokenize (or memory-map) and split the corpus; returns (tokenizer, train_ds, val_ds, sha256 of the corpus)."
-    if tokenizer is None and config.tokenizer not in ('char', 'bpe'): tokenizer = BPETokenizer.from_file(config.tokenizer)
+    if tokenizer is None and config.tokenizer not in ('char', 'bpe'):   # the path of a tokenizer.json
+        tokenizer = BPETokenizer.from_file(config.tokenizer)
     corpus = prepare_corpus(config.data_path, tokenizer, progress, kind=config.tokenizer,
                             vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction)
     s = corpus.split_at   # BPE: the parts were encoded apart, the split is where the validation tokens begin
-    train_ids, val_ids = (corpus.ids[:s], corpus.ids[s:]) if s is not None else split_corpus(corpus.ids, config.val_fraction)
+    if s is not None: train_ids, val_ids = corpus.ids[:s], corpus.ids[s:]
+    else: train_ids, val_ids = split_corpus(corpus.ids, config.val_fraction)
     V = corpus.tokenizer.vocab_size
     return (corpus.tokenizer, WindowDataset(train_ids, config.block_size, 'train', V),
             WindowDataset(val_ids, config.block_size, 'val', V), corpus.sha256)
@@ -263,7 +267,8 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
         optimizer = create_optimizer(model, config)
         trainer = Trainer(wrap(model), optimizer, config, val_dl, tok, hooks, device=device, **ranks)
     else:
-        trainer = Trainer.from_checkpoint(ckpt, val_dl, train_dl, hooks, config=config, device=device, wrap=wrap, **ranks)
+        trainer = Trainer.from_checkpoint(ckpt, val_dl, train_dl, hooks, config=config, device=device, wrap=wrap,
+                                          **ranks)
     trainer.data_sha256 = sha
     trainer.init_from = init.record() if init is not None else ckpt.get('init_from') if ckpt is not None else None
     return trainer, train_dl
@@ -320,7 +325,8 @@ class TrainSession:
             name = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else 'a stop request'
             where = trainer.last_checkpoint
             say(f"stopped by {name} before the first step; nothing to save" if where is None else
-                f"stopped by {name} at step {trainer.step}; checkpoint: {where}\nresume with: tinylm_train --resume {where}")
+                f"stopped by {name} at step {trainer.step}; checkpoint: {where}\n"
+                f"resume with: tinylm_train --resume {where}")
         return 128 + int(trainer.stop_signal) if trainer.stop_signal else 1   # the shell's convention: 130, 143, 129
 
 def main(argv=None) -> int:

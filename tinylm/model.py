@@ -153,7 +153,7 @@ class Transformer(nn.Module):
 # %% ../nbs/05_model.ipynb #670b635e
 @patch
 def num_params(self: Transformer, non_embedding: bool = False) -> int:
-    "Number of parameters, a tied embedding/head counted once; `non_embedding` leaves out the tables that are only looked up."
+    "Number of parameters, a tied embedding/head counted once; `non_embedding` leaves out the tables only looked up."
     n = sum(p.numel() for p in self.parameters())
     if non_embedding:
         if self.pos_emb is not None: n -= self.pos_emb.weight.numel()

@@ -66,7 +66,7 @@ def encode_prompt(tok: Tokenizer, prompt: str) -> torch.Tensor:
 def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_tokens: int = 500,
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                   num_samples: int = 1, seed: int = 1337, out=None) -> list[str]:
-    "Stream `num_samples` continuations of `prompt` to `out` (default stdout), each character as soon as it is complete."
+    "Stream `num_samples` continuations of `prompt` to `out` (default stdout), each character once it is complete."
     check_request(max_new_tokens, temperature, top_k, top_p, num_samples)
     out = sys.stdout if out is None else out
     ids = encode_prompt(tok, prompt)
@@ -87,7 +87,7 @@ def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_token
 
 # %% ../nbs/13_sample.ipynb #1149110f
 def make_parser() -> argparse.ArgumentParser:
-    p = CLIParser(prog='tinylm_sample', description='Generate text from a tinylm checkpoint, streamed as it is sampled.',
+    p = CLIParser(prog='tinylm_sample', description='Generate text from a tinylm checkpoint, streamed as sampled.',
                 epilog='Examples:\n  tinylm_sample --checkpoint out\n'
                        '  tinylm_sample --checkpoint out --prompt "ROMEO:" --top-p 0.9 --max-new-tokens 300\n'
                        '  tinylm_sample --checkpoint out/checkpoints/step_002000.pt --num-samples 3 --seed 7',
