@@ -24,8 +24,7 @@ MIN_VOCAB = 257                  # the 256 bytes and at least one merge
 _CUT = re.compile(r'\n(?=\S)')   # after a newline followed by a non-space character: a word boundary of GPT-2's split
 
 def iter_pieces(chunks, size: int = PIECE_CHARS):
-    "The pieces of the text that `chunks` (an iterable of str) make up: each cut just after a newline that a non-space"
-    "follows, the first such place `size` characters or more after the previous cut. The same, however it is chunked."
+    "The pieces of the text `chunks` make up, cut after a newline (then a non-space) past every `size` characters."
     carry = ''
     for chunk in chunks:
         text, start = carry + chunk, 0

@@ -239,15 +239,19 @@ def write_corpus(path, mb: float, text: str | None = None) -> Path:
     return Path(path)
 
 _PREPARE = ("import json, sys, time; from tinylm.corpus import prepare_corpus; from tinylm.loggers import peak_rss_mb\n"
-            "t0 = time.perf_counter(); c = prepare_corpus(sys.argv[1])\n"
+            "t0 = time.perf_counter()\n"
+            "a = sys.argv\n"
+            "c = prepare_corpus(a[1], kind=a[2], vocab_size=int(a[3]), val_fraction=float(a[4]))\n"
             "print(json.dumps({'seconds': time.perf_counter() - t0, 'peak_rss_mb': peak_rss_mb(), 'tokens': len(c)}))")
 
 def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 3600) -> dict:
-    "Preparation of a generated `mb` MB corpus (MB/s, peak RSS, in a fresh process), then a run's start-up on it."
+    "Preparing a generated `mb` MB corpus with `config`'s tokenizer (MB/s, peak RSS); a run's and a resume's start."
     folder = Path(folder)
     corpus = write_corpus(folder / 'big.txt', mb)
     env = {**os.environ, 'TINYLM_CACHE_DIR': str(folder / 'cache')}
-    prep = json.loads(_run([sys.executable, '-c', _PREPARE, str(corpus)], 'preparing the corpus', env=env,
+    kind = config.tokenizer if config.tokenizer in ('char', 'bpe') else 'char'
+    args = [str(corpus), kind, str(config.bpe_vocab_size), str(config.val_fraction)]
+    prep = json.loads(_run([sys.executable, '-c', _PREPARE, *args], 'preparing the corpus', env=env,
                            timeout=timeout).stdout)
     run = startup_time(config.with_overrides(data_path=str(corpus)), folder / 'run', env=env)
     t0 = time.time()   # and a resume of that run: to its next step

@@ -75,8 +75,7 @@ class Trainer:
         return self.timer(name) if self.timer is not None else nullcontext()
 
     def fire(self, event: str, safely: bool = False):
-        "Call `event` on every hook that defines it, in `order`; `safely` (after an error, or for `teardown`): every"
-        "hook gets its turn, and none can mask the original error."
+        "Call `event` on every hook defining it, in `order`; `safely`: every hook gets its turn, none masks an error."
         for fn in [f for h in self.hooks if (f := getattr(h, event, None)) is not None]:
             if not safely: fn(self)
             else:
