@@ -17,7 +17,7 @@ MODERN = dict(optimizer='muon', pos_emb='rope', norm='rmsnorm', qk_norm='true', 
 
 def test_bundled_recipes_by_name(corpus, tmp_path):
     help_text = run_cli(['--help']).stdout
-    assert 'Bundled recipes (--config NAME): modern, nanogpt' in help_text
+    assert 'Bundled recipes (--config NAME): modern, modern_bpe, nanogpt' in help_text
     out = tmp_path / 'modern'
     p = run_cli(['--config', 'modern', '--data', corpus, '--out-dir', out, '--max-steps', 3,
                  '--set', 'eval_batches=2', '--set', 'sample_length=10', '--set', 'compile=false', '--set', 'threads=1'])
@@ -27,7 +27,7 @@ def test_bundled_recipes_by_name(corpus, tmp_path):
     assert config['max_steps'] == 3 and config['eval_batches'] == 2     # the flags apply on top of the recipe
     p = run_cli(['--config', 'moden', '--data', corpus, '--out-dir', tmp_path / 'x'])
     assert_clean_error(p.returncode, p.stdout, p.stderr, 1, ("'moden' is neither a file nor a bundled recipe",
-                                                              'bundled recipes: modern, nanogpt'))
+                                                              'bundled recipes: modern, modern_bpe, nanogpt'))
 
 
 def test_muon_run_resumes_bit_identically(corpus, tmp_path):
