@@ -133,12 +133,7 @@ def encode(self: BPETokenizer, text: str, offset: int = 0) -> np.ndarray:
 @patch
 def decode(self: BPETokenizer, ids) -> str:
     "The text of `ids`; a byte sequence that is not UTF-8 (a cut inside a character) decodes to U+FFFD."
-    arr = _as_ids(ids)
-    bad = (arr < 0) | (arr >= self.vocab_size)
-    if bad.any():
-        pos = int(bad.argmax())
-        raise TokenizerError(f"id {int(arr[pos])} at position {pos} is out of range for a vocabulary of "
-                             f"{self.vocab_size} tokens (valid ids are 0..{self.vocab_size - 1})")
+    arr = _as_ids(ids, self.vocab_size, 'tokens')
     if self.byte_level: return b''.join(self.token_bytes[i] for i in arr.tolist()).decode('utf-8', 'replace')
     return self._tok.decode(arr.tolist(), skip_special_tokens=False)
 

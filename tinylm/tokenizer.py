@@ -119,8 +119,8 @@ def encode(self: Tokenizer, text: str, offset: int = 0) -> np.ndarray:
     return out
 
 # %% ../nbs/01_tokenizer.ipynb #afa7aa47
-def _as_ids(ids) -> np.ndarray:
-    "`ids` (list, tuple, numpy array or torch tensor) as a 1-D numpy integer array."
+def _as_ids(ids, vocab_size: int | None = None, unit: str = 'tokens') -> np.ndarray:
+    "`ids` (list, tuple, numpy array or torch tensor) as a 1-D numpy integer array, each below `vocab_size` if given."
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TokenizerError(f"ids must be integers, got a tensor of {ids.dtype}")
@@ -131,17 +131,17 @@ def _as_ids(ids) -> np.ndarray:
     if arr.size == 0: return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in 'iu': raise TokenizerError(f"ids must be integers, got values of dtype {arr.dtype}")
     if arr.ndim != 1: raise TokenizerError(f"ids must be one-dimensional, got shape {tuple(arr.shape)}")
+    bad = (arr < 0) | (arr >= vocab_size) if vocab_size is not None else None
+    if bad is not None and bad.any():
+        pos = int(bad.argmax())
+        raise TokenizerError(f"id {int(arr[pos])} at position {pos} is out of range for a vocabulary of "
+                             f"{vocab_size} {unit} (valid ids are 0..{vocab_size - 1})")
     return arr
 
 @patch
 def decode(self: Tokenizer, ids) -> str:
     "The text of `ids` (list/tuple of ints, numpy array or 1-D torch tensor)."
-    arr = _as_ids(ids)
-    bad = (arr < 0) | (arr >= self.vocab_size)
-    if bad.any():
-        pos = int(bad.argmax())
-        raise TokenizerError(f"id {int(arr[pos])} at position {pos} is out of range for a vocabulary of "
-                             f"{self.vocab_size} characters (valid ids are 0..{self.vocab_size - 1})")
+    arr = _as_ids(ids, self.vocab_size, 'characters')
     return self._cps[arr].tobytes().decode('utf-32-le')
 
 # %% ../nbs/01_tokenizer.ipynb #ecea14f1
