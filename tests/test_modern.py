@@ -119,8 +119,8 @@ def test_muon_ns_dtype_is_logged_and_a_resume_may_choose_another(corpus, tmp_pat
 
 def test_a_checkpoint_of_tinylm_0_1_0_resumes_exactly(tmp_path):
     """A Muon checkpoint written by tinylm 0.1.0 (torch.optim.Muon, bfloat16) continues as that version would have:
-    bit for bit on the kind of machine it was written on, within float noise on another."""
-    from tinylm.optim import bf16_matmul_is_native
+    bit for bit on the kind of machine it was recorded on (`machine_kind`: torch, ATen capability, oneDNN's ISA,
+    threads), within float noise on another."""
     recorded = json.loads((DATA / 'muon_v0.1.0.json').read_text())
     run = tmp_path / 'old'
     (run / 'checkpoints').mkdir(parents=True)
@@ -131,10 +131,32 @@ def test_a_checkpoint_of_tinylm_0_1_0_resumes_exactly(tmp_path):
     got = {str(k): v for k, v in losses(read_jsonl(run / 'train.jsonl')).items()}
     want = {k: v for k, v in recorded['straight_losses'].items() if int(k) > 6}
     assert sorted(got, key=int) == sorted(want, key=int)
-    same_kind = (torch.backends.cpu.get_cpu_capability() == recorded['cpu_capability']
-                 and bf16_matmul_is_native('cpu') == recorded['bf16_native']
-                 and str(torch.__version__) == recorded['torch'])
-    if same_kind: assert got == want, "tinylm 0.1.0's Muon run does not continue bit for bit"
-    else: assert all(abs(got[k] - want[k]) <= 1e-3 * want[k] for k in want), (got, want)
     start = events(read_jsonl(run / 'train.jsonl'), 'run_start')[0]
+    if same_kind(start['machine'], recorded['machine']):
+        assert got == want, f"tinylm 0.1.0's Muon run does not continue bit for bit on its own kind of machine"
+    else: assert all(abs(got[k] - want[k]) <= 1e-3 * want[k] for k in want), (got, want)
     assert start['muon_ns_dtype'] == 'bfloat16' and 'muon_ns_dtype_saved' not in start
+    assert start['machine_saved'] is None and 'another kind of machine (unknown' in p.stdout   # 0.1.0 recorded none
+
+
+def same_kind(here: dict, recorded: dict) -> bool:
+    "Whether a run computed `here` must equal one recorded on `recorded` bit for bit: every field of the kind agrees."
+    return here == recorded
+
+
+def test_kind_of_machine_is_recorded_and_a_resume_across_kinds_says_so(corpus, tmp_path):
+    "Every checkpoint and run_start names its machine kind; a resume with another thread count is another kind."
+    from tinylm.device import machine_kind
+    first = run_cli(['--data', corpus, '--out-dir', tmp_path / 'k', '--max-steps', 4, *tiny_args()])
+    assert first.returncode == 0, first.stderr[-3000:]
+    here = {**machine_kind('cpu'), 'threads': 1}
+    assert torch.load(tmp_path / 'k' / 'checkpoints' / 'step_000004.pt', weights_only=True)['machine'] == here
+    same = run_cli(['--resume', tmp_path / 'k', '--max-steps', 6])
+    assert same.returncode == 0 and 'another kind of machine' not in same.stdout, same.stderr[-3000:]
+    other = run_cli(['--resume', tmp_path / 'k', '--max-steps', 8, '--set', 'threads=2'])
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert 'note: the checkpoint was computed on another kind of machine' in other.stdout and 'threads 1' in other.stdout
+    starts = events(read_jsonl(tmp_path / 'k' / 'train.jsonl'), 'run_start')
+    assert [s['machine'] for s in starts] == [here, here, {**here, 'threads': 2}]
+    assert 'machine_saved' not in starts[0] and 'machine_saved' not in starts[1]
+    assert starts[2]['machine_saved'] == here

@@ -16,8 +16,9 @@ from .config import TinyLMError
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
-__all__ = ['DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'to_device', 'unwrap_model', 'fork_rng', 'DistInfo',
-           'dist_env', 'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
+__all__ = ['DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'onednn_isa', 'machine_kind', 'describe_kind', 'to_device',
+           'unwrap_model', 'fork_rng', 'DistInfo', 'dist_env', 'init_distributed', 'setup_device',
+           'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -49,6 +50,52 @@ def autocast(device: torch.device, precision: str = 'auto'):
     "A context manager running the forward pass in `precision`'s autocast dtype on `device` (or doing nothing)."
     dt = autocast_dtype(device, precision)
     return torch.autocast(device.type, dtype=dt) if dt is not None else nullcontext()
+
+# %% ../nbs/07_device.ipynb #98b6ff9d
+_ONEDNN_ISAS = ('sse41', 'avx', 'avx2', 'avx2_vnni', 'avx2_vnni_2', 'avx512_core', 'avx512_core_vnni',
+                'avx512_core_bf16', 'avx512_core_fp16', 'avx512_core_amx', 'avx512_core_amx_fp16')
+_ONEDNN_ALIASES = {'avx10_1_512': 'avx512_core_fp16', 'avx10_1_512_amx': 'avx512_core_amx',
+                   'avx10_1_512_amx_fp16': 'avx512_core_amx_fp16'}
+
+def _cpu_flag_set() -> set[str]:
+    "The CPU's feature flags from `/proc/cpuinfo` (empty where there is none, as on macOS)."
+    try: text = open('/proc/cpuinfo', encoding='utf-8', errors='replace').read()
+    except OSError: return set()
+    lines = (l for l in text.splitlines() if l.startswith(('flags', 'Features')) and ':' in l)
+    return {f for line in lines for f in line.split(':', 1)[1].split()}
+
+def onednn_isa(flags: set[str] | None = None, environ=None) -> str | None:
+    "The instruction set oneDNN runs on: the best the CPU has, held back by `ONEDNN_MAX_CPU_ISA` (None if not x86)."
+    flags = _cpu_flag_set() if flags is None else flags
+    has = lambda *fs: all(f in flags for f in fs)
+    best = next((isa for isa, need in (
+        ('avx512_core_amx_fp16', ('amx_tile', 'amx_bf16', 'amx_fp16')), ('avx512_core_amx', ('amx_tile', 'amx_bf16')),
+        ('avx512_core_fp16', ('avx512_fp16',)), ('avx512_core_bf16', ('avx512_bf16',)),
+        ('avx512_core_vnni', ('avx512_vnni',)), ('avx512_core', ('avx512f', 'avx512bw', 'avx512vl', 'avx512dq')),
+        ('avx2_vnni', ('avx2', 'avx_vnni')), ('avx2', ('avx2',)), ('avx', ('avx',)), ('sse41', ('sse4_1',)))
+        if has(*need)), None)
+    if best is None: return None
+    env = os.environ if environ is None else environ
+    cap = (env.get('ONEDNN_MAX_CPU_ISA') or env.get('DNNL_MAX_CPU_ISA') or 'all').strip().lower()
+    cap = _ONEDNN_ALIASES.get(cap, cap)
+    if cap not in _ONEDNN_ISAS: return best
+    return _ONEDNN_ISAS[min(_ONEDNN_ISAS.index(best), _ONEDNN_ISAS.index(cap))]
+
+def machine_kind(device: torch.device | str = 'cpu') -> dict:
+    "What decides this process's kernels, as plain data: equal kinds compute equal bits."
+    device = torch.device(device)
+    kind = {'torch': str(torch.__version__).split('+')[0], 'device': device.type}
+    if device.type == 'cuda':
+        kind.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    else:
+        kind.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), onednn_isa=onednn_isa())
+    kind['threads'] = torch.get_num_threads()
+    return kind
+
+def describe_kind(kind: dict | None) -> str:
+    "A machine kind in one line, for messages."
+    if not kind: return 'unknown (written before tinylm recorded it)'
+    return ', '.join(f"{k} {v}" for k, v in kind.items())
 
 # %% ../nbs/07_device.ipynb #cc8716c6
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -13,10 +13,11 @@ import tinylm
 from .config import TinyLMError, config_hash, brief
 from .trainer import Hook, hook_name
 from .bpe import tokenizer_info
+from .device import machine_kind, describe_kind
 
 # %% auto #0
-__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'ConsoleLogger', 'ProgressBar', 'repair_log', 'JsonlLogger',
-           'LogError', 'read_log', 'tensorboard_writer_class', 'TensorBoardLogger']
+__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'machine_change', 'ConsoleLogger', 'ProgressBar',
+           'repair_log', 'JsonlLogger', 'LogError', 'read_log', 'tensorboard_writer_class', 'TensorBoardLogger']
 
 # %% ../nbs/10_loggers.ipynb #58d28edd
 def utc_now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds')
@@ -48,6 +49,11 @@ def git_commit(path=None) -> str | None:
         return sha if head.returncode == 0 and re.fullmatch(r'[0-9a-f]{40}', sha) else None
     except (OSError, subprocess.SubprocessError): return None
 
+def machine_change(t) -> dict | None:
+    "For a run resumed on another kind of machine than its checkpoint's: `{'machine_saved': that kind}` (else None)."
+    if not t.resumed_from or t.saved_machine == machine_kind(t.device): return None
+    return {'machine_saved': t.saved_machine}
+
 class _Window:
     "Tokens per second over the training time since the last report."
     def reset(self, t): self.step, self.secs = t.step, t.train_seconds
@@ -75,6 +81,10 @@ class ConsoleLogger(Hook):
         self.say(f"tinylm: {start}{run} | {t.raw_model.num_params():,} parameters | device {t.device} | "
                  f"steps {t.step + 1}..{t.max_steps}")
         self.say(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
+        if (changed := machine_change(t)) is not None:
+            self.say(f"note: the checkpoint was computed on another kind of machine "
+                     f"({describe_kind(changed['machine_saved'])}; here: {describe_kind(machine_kind(t.device))}); "
+                     "the run continues correctly, but not bit for bit as it would have there")
     def after_step(self, t):
         if t.step % t.config.log_cadence == 0:
             tps, secs = self.window.read(t)
@@ -170,7 +180,8 @@ class JsonlLogger(Hook):
                    n_params=m.num_params(), vocab_size=t.tokenizer.vocab_size if t.tokenizer else m.vocab_size,
                    device=str(t.device), torch_version=str(torch.__version__), world_size=t.world_size,
                    max_steps=t.max_steps, tokens_per_step=t.tokens_per_step, threads=torch.get_num_threads(),
-                   cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_kind(t.device),
+                   **(machine_change(t) or {}),
                    optimizer=getattr(t.optimizer, 'impl', type(t.optimizer).__name__),
                    **getattr(t.optimizer, 'run_facts', {}),
                    **({'log_repaired': repaired} if repaired else {}))

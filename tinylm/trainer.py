@@ -18,7 +18,7 @@ from .config import TrainingConfig, TinyLMError
 from .tokenizer import Tokenizer
 from .bpe import TextCounts
 from .optim import create_optimizer, lr_at, set_lr
-from .device import pick_device, autocast, to_device, unwrap_model, fork_rng, mean_over_ranks
+from .device import pick_device, autocast, to_device, unwrap_model, fork_rng, mean_over_ranks, machine_kind
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError, atomic_save,
                                atomic_write, capture_rng, restore_rng, load_checkpoint, check_resumable,
                                model_from_checkpoint, find_checkpoints)
@@ -59,6 +59,7 @@ class Trainer:
         self.lr, self.train_seconds, self.step_seconds, self.max_steps = None, 0.0, 0.0, config.max_steps
         self.last_eval_step = self.last_sample_step = self.last_val_bpb = self.last_val_bpc = None
         self.resumed_from, self.data_sha256, self.init_from, self.status, self.error = None, None, None, 'created', None
+        self.saved_machine = None    # the kind of machine a resumed checkpoint was computed on (None: unrecorded)
         self.stop_requested, self.stop_signal = False, None
         self.train_loader, self.restore_position, self.timer = None, None, None
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
@@ -248,6 +249,7 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
             'last_val_loss': None if self.last_val_loss is None else float(self.last_val_loss),
             'data_sha256': self.data_sha256, 'world_size': self.world_size, 'init_from': self.init_from,
             'torch_version': str(torch.__version__), 'tinylm_version': str(tinylm.__version__),
+            'machine': machine_kind(self.device),
             'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 @patch
@@ -276,6 +278,7 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     trainer.last_val_loss = ckpt.get('last_val_loss')
     trainer.data_sha256, trainer.resumed_from, trainer.last_checkpoint = ckpt.get('data_sha256'), where, Path(where)
     trainer.restore_position = ckpt['sampler']['batches_consumed']
+    trainer.saved_machine = ckpt.get('machine')
     if trainer.restore_position != trainer.data_position:
         raise CheckpointError(f"{where}: its data position ({trainer.restore_position} batches) does not match step "
                               f"{trainer.step} x grad_accum_steps {config.grad_accum_steps}")
