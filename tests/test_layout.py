@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / 'tinylm'
+ROOT = PKG.parent
 MODULES = sorted(p for p in PKG.glob('*.py') if p.name not in ('__init__.py', '_modidx.py'))
 
 
@@ -111,3 +112,28 @@ def test_committed_outputs_hold_no_machine_paths_warnings_or_tracebacks(nb):
             if out.get('output_type') == 'error': text += 'Traceback (most recent call last)'
             m = LEAKS.search(text)
             assert m is None, f"{nb.name} cell {i}: its output shows {m.group(0)!r}: {text[max(0, m.start() - 80):m.end() + 80]!r}"
+
+
+def test_the_dev_extra_installs_every_other_extra():
+    "The README installs `.[dev]` and then runs every test: nothing a test or a chapter imports may be left out."
+    import configparser
+    cfg = configparser.ConfigParser(delimiters=['='])
+    cfg.read(ROOT / 'settings.ini', encoding='utf-8')
+    d = cfg['DEFAULT']
+    dev = set(d['dev_requirements'].split())
+    for extra in [k for k in d if k.endswith('_requirements') and k not in ('requirements', 'dev_requirements')]:
+        missing = set(d[extra].split()) - dev
+        assert not missing, f"settings.ini: the dev extra lacks {extra[:-len('_requirements')]}'s {sorted(missing)}"
+
+
+def test_ci_runs_the_readme_commands_as_written():
+    "The README's install and test commands are read from the README itself by .ci/run."
+    import subprocess, sys
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    for what in ('install', 'test'):
+        r = subprocess.run([sys.executable, str(ROOT / '.ci' / 'readme_command.py'), what], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() and r.stdout.strip() in readme, (what, r.stdout)
+    assert 'readme_command.py install' in (ROOT / '.ci' / 'run').read_text()
+    assert 'readme_command.py test' in (ROOT / '.ci' / 'run').read_text()

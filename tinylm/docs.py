@@ -334,11 +334,16 @@ def stale_outputs(committed, executed) -> list[str]:
     return found
 
 # %% ../nbs/20_docs.ipynb #7bb5b88c
-def check_book(nbs='nbs', timeout: int = 600, update: bool = False, log=print) -> dict[str, list[str]]:
-    "Execute every notebook of `nbs`; `{notebook: problems}` for those whose outputs are stale (or that fail)."
+def check_book(nbs='nbs', timeout: int = 600, update: bool = False, log=print, only=None) -> dict[str, list[str]]:
+    "Execute every notebook of `nbs` (or those named in `only`); `{notebook: problems}` where outputs are stale."
     import nbformat
     found = {}
     paths = find_notebooks(nbs)
+    if only:
+        names = {Path(n).stem for n in only}
+        unknown = sorted(names - {p.stem for p in paths})
+        if unknown: raise DocsError(f"no notebook {', '.join(unknown)} in {nbs}")
+        paths = [p for p in paths if p.stem in names]
     if not paths: raise DocsError(f"no notebooks (*.ipynb) in {nbs}")
     for i, p in enumerate(paths, 1):
         t0 = time.time()
@@ -347,9 +352,9 @@ def check_book(nbs='nbs', timeout: int = 600, update: bool = False, log=print) -
         error = execute_notebook(executed, Path(nbs).resolve(), timeout)
         problems = [error] if error else stale_outputs(nb, executed)
         if update and not error:
-            for c, e in zip(nb.cells, executed.cells):
-                if c.cell_type == 'code' and not _false(split_directives(c.source)[0].get('eval', 'true')):
-                    c.outputs = e.get('outputs', [])
+            for c, e in zip(nb.cells, executed.cells):   # a cell that is not run keeps no output
+                if c.cell_type != 'code': continue
+                c.outputs = [] if _false(split_directives(c.source)[0].get('eval', 'true')) else e.get('outputs', [])
             nbformat.write(nb, p)
             problems = []
         if problems: found[p.name] = problems
@@ -367,6 +372,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-execute', dest='execute', action='store_false',
                    help='render the notebooks as stored, without running them')
     p.add_argument('--timeout', type=int, default=600, metavar='S', help='seconds one cell may run (default: 600)')
+    p.add_argument('notebooks', nargs='*', metavar='NOTEBOOK',
+                   help='with --check or --update: only these notebooks (names, with or without .ipynb)')
     g = p.add_mutually_exclusive_group()
     g.add_argument('--check', action='store_true',
                    help='execute every notebook and fail if a committed output differs from what it prints now')
@@ -381,12 +388,14 @@ def run(args) -> int:
                         "or pass --nbs DIR")
     if args.timeout <= 0: raise DocsError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     t0 = time.time()
+    if args.notebooks and not (args.check or args.update):
+        raise DocsError("naming notebooks works with --check or --update; the site is built from all of them")
     if args.check or args.update:
         if not args.execute: raise DocsError("--check and --update execute the notebooks: drop --no-execute")
-        stale = check_book(nbs, args.timeout, update=args.update)
+        stale = check_book(nbs, args.timeout, update=args.update, only=args.notebooks)
         for name, problems in stale.items():
             for problem in problems: print_error(f"{nbs / name}: {problem}")
-        n = len(find_notebooks(nbs))
+        n = len(args.notebooks) or len(find_notebooks(nbs))
         say(f"{'updated' if args.update else 'checked'} {n} notebooks in {time.time() - t0:.0f} s"
             + (f"; {sum(map(len, stale.values()))} stale outputs or failures in {len(stale)}" if stale else
                '' if args.update else '; every output is current'))
