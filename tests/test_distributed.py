@@ -167,3 +167,37 @@ def test_ctrl_c_under_torchrun_stops_all_ranks_and_rank0_saves(tmp_path):
     assert ck['step'] == last
     assert 'stopped by SIGINT' in stdout and 'resume with:' in stdout
     assert 'error:' not in stderr
+
+
+BENCH = """
+import json, sys
+from tinylm.config import TrainingConfig
+from tinylm.device import dist_env
+from tinylm.measure import setup, time_training
+cfg = TrainingConfig().with_overrides(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, device='cpu',
+                                      threads=int(sys.argv[1]))
+info = dist_env()
+trainer, dl = setup(cfg, info)
+tt = time_training(trainer, dl, steps=20, warmup=5)
+if info.is_main: print('RESULT', json.dumps(tt))
+"""
+
+
+def _timed(nproc: int, threads: int) -> dict:
+    if nproc == 1: cmd = [sys.executable, '-c', BENCH, str(threads)]
+    else:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+               '--no-python', sys.executable, '-c', BENCH, str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(OMP_NUM_THREADS=str(threads)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(next(l for l in r.stdout.splitlines() if l.startswith('RESULT '))[7:])
+
+
+def test_throughput_under_ddp_counts_each_token_once():
+    """2 gloo processes against 1 on the same global batch: tokens/s is the global batch over the step time in both
+    (before the fix, the 2-process figure counted every token twice). Their ratio is left to the benchmarks: on a
+    shared 2-core machine it swings far more than 2x with the load."""
+    one, two = _timed(1, 2), _timed(2, 1)
+    assert (one['world_size'], two['world_size']) == (1, 2)
+    assert one['tokens_per_step'] == two['tokens_per_step'] == 16 * 64          # the global batch, once
+    for r in (one, two): assert abs(r['tokens_per_s'] * r['step_median_s'] - 16 * 64) < 1e-6 * 16 * 64

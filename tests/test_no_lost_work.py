@@ -229,3 +229,21 @@ def test_a_torn_log_line_is_repaired_and_the_log_plots(saved_run, tmp_path):
     start = events(recs, 'run_start')[-1]
     assert start['log_repaired'] == {'dropped_bytes': len(fragment), 'fragment': fragment}
     assert start['resumed_from'].endswith(f'step_{REF_STEPS:06d}.pt') and start['tinylm_version']
+
+
+def test_a_diverged_model_is_never_saved_and_the_error_names_a_good_checkpoint(corpus, tmp_path):
+    "Checkpoints fall between loss checks (cadence 3, checks every 7): every file left is finite, and the error"
+    "points at one of them (tried before the fix: the error sent the user to step 6, holding 10 non-finite tensors)."
+    out = tmp_path / 'nan'
+    p = run_cli(['--data', corpus, '--out-dir', out, '--max-steps', 30,
+                 *tiny_args(learning_rate=1e4, log_cadence=7, checkpoint_cadence=3, eval_cadence=0,
+                            sampling_cadence=0, warmup_steps=0)])
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    error = p.stderr.strip().splitlines()[-1]
+    assert error.startswith('error: ') and ('NaN' in error or 'nan' in error or 'inf' in error), error
+    saved = sorted((out / 'checkpoints').glob('step_*.pt'))
+    for f in saved:
+        ck = torch.load(f, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ck['model'].values()), f"{f.name} holds non-finite weights"
+    if saved: assert f"resume from the last good checkpoint ({saved[-1]})" in error or str(saved[-1]) in error, error
+    else: assert 'no checkpoint' in error, error

@@ -13,7 +13,7 @@ from .config import TrainingConfig, TinyLMError
 from .tokenizer import Tokenizer
 from .corpus import load_text
 from .data import make_dataloaders
-from .device import unwrap_model
+from .device import unwrap_model, DistInfo
 from .optim import muon_params, orthogonalize, muon_ns_dtype, bf16_matmul_is_native
 from .checkpoint import load_checkpoint, capture_rng, restore_rng
 from .trainer import Trainer
@@ -65,10 +65,10 @@ def matmul_ceiling(n: int | None = None, reps: int = 10, dtype=torch.float32, de
                 median_gflops=flops / s['median_s'] / 1e9, median_s=s['median_s'])
 
 # %% ../nbs/17_measure.ipynb #61248501
-def setup(config: TrainingConfig):
-    "The trainer and training loader `tinylm_train` builds for `config`, with no hooks or files: `(trainer, train_dl)`."
+def setup(config: TrainingConfig, dist: DistInfo | None = None):
+    "The trainer and loader `tinylm_train` builds for `config` (under `dist`'s processes), with no hooks or files."
     out = tempfile.mkdtemp(prefix='tinylm_bench_')
-    try: return build_trainer(config.with_overrides(out_dir=out), hooks=[])
+    try: return build_trainer(config.with_overrides(out_dir=out), hooks=[], dist=dist)
     finally: shutil.rmtree(out, ignore_errors=True)
 
 def run_steps(trainer: Trainer, batches, steps: int) -> list[float]:
@@ -88,12 +88,12 @@ def time_training(trainer: Trainer, train_dl, steps: int = 50, warmup: int = 10)
     first = run_steps(trainer, batches, 1)[0]
     warm = run_steps(trainer, batches, max(warmup - 1, 0))
     s = stats(run_steps(trainer, batches, steps))
-    tokens = trainer.tokens_per_step * trainer.world_size
+    tokens = trainer.tokens_per_step   # the global batch: every rank's share together (data chapter)
     tps = tokens / s['median_s']
     fpt = unwrap_model(trainer.model).flops_per_token()
     return dict(**{f'step_{k}': v for k, v in s.items()}, first_step_s=first, warmup_steps=len(warm) + 1,
                 compile_s=max(first - s['median_s'], 0.0) if trainer.config.compile else None,
-                tokens_per_step=tokens, tokens_per_s=tps, flops_per_token=fpt, model_gflops=tps * fpt / 1e9,
+                tokens_per_step=tokens, world_size=trainer.world_size, tokens_per_s=tps, flops_per_token=fpt, model_gflops=tps * fpt / 1e9,
                 final_loss=float(trainer.last_loss))
 
 # %% ../nbs/17_measure.ipynb #90114886

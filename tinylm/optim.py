@@ -186,6 +186,8 @@ class MuonWithAdamW:
                      f"+ {adamw.impl} adamw")
     @property
     def param_groups(self) -> list[dict]: return self.muon.param_groups + self.adamw.param_groups
+    @property
+    def state(self) -> dict: return {**self.muon.state, **self.adamw.state}   # per parameter, as torch's optimizers
     def step(self):
         self.muon.step()
         self.adamw.step()

@@ -253,8 +253,24 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
             'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 @patch
+def nonfinite_tensors(self: Trainer) -> list[str]:
+    "The parameters and optimizer-state tensors holding a NaN or an infinity, by name."
+    bad = [n for n, p in self.raw_model.named_parameters() if not torch.isfinite(p).all()]
+    for i, s in enumerate(self.optimizer.state.values()):
+        bad += [f"optimizer state {i}: {k}" for k, v in s.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad
+
+@patch
 def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None) -> Path:
-    "Atomically write a complete checkpoint to `path`."
+    "Atomically write a complete checkpoint to `path`; a model that is no longer finite is refused, never saved."
+    bad = self.nonfinite_tensors()
+    if bad:
+        last = (f"resume from the last good checkpoint ({self.last_checkpoint})" if self.last_checkpoint else
+                "start again (no checkpoint of this run was saved yet)")
+        raise TrainingDiverged(f"the weights hold NaN or infinite values at step {self.step} ({len(bad)} tensors, "
+                               f"{bad[0]} first), so no checkpoint was written; try a lower learning_rate (or more "
+                               f"warmup_steps) and {last}")
     return atomic_save(self.checkpoint_state(tokenizer), path)
 
 @patch(cls_method=True)
