@@ -6,8 +6,8 @@ import random, shutil, signal, subprocess, sys, textwrap
 import pytest
 import torch
 
-from conftest import (REF_RESUME_FROM, REF_STEPS, SHORT_STEPS, env, events, losses, popen_cli, read_jsonl,
-                      run_cli, segments, tiny_args, wait_for_step)
+from conftest import (REF_RESUME_FROM, REF_STEPS, SHORT_STEPS, assert_clean_error, env, events, losses, popen_cli,
+                      read_jsonl, run_cli, segments, tiny_args, wait_for_step)
 
 from tinylm.main import main
 
@@ -206,3 +206,26 @@ def test_stop_before_first_step_gives_no_bogus_resume_hint(corpus, tmp_path):
     assert recs[-1]['event'] == 'run_end' and recs[-1]['status'] == 'interrupted' and recs[-1]['step'] == 0
     assert not list(out.glob('checkpoints/step_*.pt')), "a checkpoint of step 0 was saved"
     assert '--resume None' not in p.stdout and 'checkpoint: None' not in p.stdout, p.stdout
+
+
+def test_float16_scales_its_loss_and_resumes_exactly(corpus, tmp_path):
+    "precision float16 (CPU autocast here; T4/V100/MPS for real) trains with a GradScaler whose state travels in the"
+    "checkpoint: 10 straight == 6 + resume + 4; a float16 checkpoint without a scale (tinylm < 0.3) is refused."
+    fp16 = dict(precision='float16', dropout=0.0)
+    straight = run_cli(['--data', corpus, '--out-dir', tmp_path / 'a', '--max-steps', 10, *tiny_args(**fp16)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli(['--data', corpus, '--out-dir', tmp_path / 'b', '--max-steps', 6, *tiny_args(**fp16)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = tmp_path / 'b' / 'checkpoints' / 'step_000006.pt'
+    ck = torch.load(path, weights_only=True)
+    assert ck['scaler']['scale'] > 1, ck['scaler']
+    second = run_cli(['--resume', tmp_path / 'b', '--max-steps', 10])
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = losses(read_jsonl(tmp_path / 'a' / 'train.jsonl'))
+    b1, b2 = segments(read_jsonl(tmp_path / 'b' / 'train.jsonl'))
+    assert {**losses(b1), **losses(b2)} == a and a[10] < a[1], a
+    del ck['scaler']; torch.save(ck, path)       # as tinylm 0.2 wrote it
+    p = run_cli(['--resume', path, '--max-steps', 12])
+    assert_clean_error(p.returncode, p.stdout, p.stderr, 1, ('without a loss scale', '--set precision=float32'))
+    p = run_cli(['--resume', path, '--max-steps', 12, '--set', 'precision=float32'])
+    assert p.returncode == 0, p.stderr[-3000:]

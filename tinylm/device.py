@@ -16,9 +16,9 @@ from .config import TinyLMError
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
-__all__ = ['DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'onednn_isa', 'machine_kind', 'describe_kind', 'to_device',
-           'unwrap_model', 'fork_rng', 'DistInfo', 'dist_env', 'init_distributed', 'setup_device',
-           'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
+__all__ = ['DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'grad_scaler', 'onednn_isa', 'machine_kind',
+           'describe_kind', 'to_device', 'unwrap_model', 'fork_rng', 'DistInfo', 'dist_env', 'init_distributed',
+           'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -50,6 +50,10 @@ def autocast(device: torch.device, precision: str = 'auto'):
     "A context manager running the forward pass in `precision`'s autocast dtype on `device` (or doing nothing)."
     dt = autocast_dtype(device, precision)
     return torch.autocast(device.type, dtype=dt) if dt is not None else nullcontext()
+
+def grad_scaler(device: torch.device, precision: str = 'auto'):
+    "A `torch.amp.GradScaler` where the forward runs in float16 (its gradients underflow without one); else None."
+    return torch.amp.GradScaler(device.type) if autocast_dtype(device, precision) == torch.float16 else None
 
 # %% ../nbs/07_device.ipynb #98b6ff9d
 _ONEDNN_ISAS = ('sse41', 'avx', 'avx2', 'avx2_vnni', 'avx2_vnni_2', 'avx512_core', 'avx512_core_vnni',

@@ -18,7 +18,8 @@ from .config import TrainingConfig, TinyLMError
 from .tokenizer import Tokenizer
 from .bpe import TextCounts
 from .optim import create_optimizer, lr_at, set_lr
-from .device import pick_device, autocast, to_device, unwrap_model, fork_rng, mean_over_ranks, machine_kind
+from .device import (pick_device, autocast, to_device, unwrap_model, fork_rng, mean_over_ranks, machine_kind,
+                           grad_scaler)
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError, atomic_save,
                                atomic_write, capture_rng, restore_rng, load_checkpoint, check_resumable,
                                model_from_checkpoint, find_checkpoints)
@@ -60,6 +61,7 @@ class Trainer:
         self.last_eval_step = self.last_sample_step = self.last_val_bpb = self.last_val_bpc = None
         self.resumed_from, self.data_sha256, self.init_from, self.status, self.error = None, None, None, 'created', None
         self.saved_machine = None    # the kind of machine a resumed checkpoint was computed on (None: unrecorded)
+        self.scaler = grad_scaler(self.device, config.precision)   # float16 only (chapter 7)
         self.stop_requested, self.stop_signal = False, None
         self.train_loader, self.restore_position, self.timer = None, None, None
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
@@ -105,11 +107,15 @@ def training_step(self: Trainer, batch):
         sync = self.model.no_sync() if i < len(micro) - 1 and hasattr(self.model, 'no_sync') else nullcontext()
         with sync:
             with self.phase('forward'), autocast(self.device, self.config.precision): _, loss = self.model(x, y)
-            with self.phase('backward'): (loss / len(micro)).backward()
+            with self.phase('backward'):
+                part = loss / len(micro)
+                (part if self.scaler is None else self.scaler.scale(part)).backward()
         total += loss.detach().float() / len(micro)
     with self.phase('optimizer'):
+        if self.scaler is not None: self.scaler.unscale_(self.optimizer)   # clip the true gradients
         if self.config.grad_clip > 0: torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None: self.optimizer.step()
+        else: self.scaler.step(self.optimizer); self.scaler.update()   # skips a step whose gradients overflowed
         self.optimizer.zero_grad(set_to_none=True)
     self.step += 1
     self.last_loss = total
@@ -250,6 +256,7 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
             'data_sha256': self.data_sha256, 'world_size': self.world_size, 'init_from': self.init_from,
             'torch_version': str(torch.__version__), 'tinylm_version': str(tinylm.__version__),
             'machine': machine_kind(self.device),
+            'scaler': None if self.scaler is None else self.scaler.state_dict(),
             'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 @patch
@@ -295,6 +302,12 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     trainer.data_sha256, trainer.resumed_from, trainer.last_checkpoint = ckpt.get('data_sha256'), where, Path(where)
     trainer.restore_position = ckpt['sampler']['batches_consumed']
     trainer.saved_machine = ckpt.get('machine')
+    if trainer.scaler is not None:
+        if ckpt.get('scaler') is None:
+            raise CheckpointError(f"{where} was trained in {ckpt['config'].get('precision')} without a loss scale "
+                                  f"(float16 runs of tinylm before 0.3 had none), so it cannot continue as a float16 run "
+                                  f"with one: resume it with --set precision=float32 (or bfloat16)")
+        trainer.scaler.load_state_dict(ckpt['scaler'])
     if trainer.restore_position != trainer.data_position:
         raise CheckpointError(f"{where}: its data position ({trainer.restore_position} batches) does not match step "
                               f"{trainer.step} x grad_accum_steps {config.grad_accum_steps}")
