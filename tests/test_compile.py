@@ -53,3 +53,30 @@ def test_compiled_run_matches_eager_and_resumes_uncompiled(tmp_path):
     assert all(close(first[s], straight[s]) for s in range(1, 7))
     assert all(close(resumed[s], straight[s]) for s in range(7, 10)), \
         f"uncompiled resume vs compiled straight run: {[(resumed[s], straight[s]) for s in range(7, 10)]}"
+
+
+AVX2 = {'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+MODERN = ['--set', 'optimizer=muon', '--set', 'pos_emb=rope', '--set', 'norm=rmsnorm', '--set', 'qk_norm=true',
+          '--set', 'activation=relu2', '--set', 'tie_embeddings=false']
+
+
+def run_env(out, extra_env, *args):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **extra_env}
+    r = subprocess.run([sys.executable, '-m', 'tinylm.main', '--max-steps', '4', '--out-dir', str(out), *MODERN, *TINY,
+                        *args], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    recs = [json.loads(l) for l in (out / 'train.jsonl').read_text().splitlines()]
+    return {r['step']: r['loss'] for r in recs if r['event'] == 'step'}
+
+
+@pytest.mark.parametrize('first,then', [('native', 'avx2'), ('avx2', 'native')])
+def test_a_compile_cache_shared_by_two_vector_widths_stays_correct(tmp_path, first, then):
+    """Inductor's on-disk cache did not record the vector width it generated code for: an AVX2-held run reusing a
+    native run's kernels got NaN, the other way round the heap was corrupted (exit 134). compile_model keys the cache
+    by the width; both orders now train as eager does."""
+    kinds = {'native': {}, 'avx2': AVX2}
+    cache = {'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'cache')}
+    run_env(tmp_path / 'fill', {**kinds[first], **cache}, '--set', 'compile=true')
+    got = run_env(tmp_path / 'reuse', {**kinds[then], **cache}, '--set', 'compile=true')
+    eager = run_env(tmp_path / 'eager', kinds[then])
+    assert all(close(got[s], eager[s]) for s in eager), (got, eager)

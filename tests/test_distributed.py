@@ -201,3 +201,39 @@ def test_throughput_under_ddp_counts_each_token_once():
     assert (one['world_size'], two['world_size']) == (1, 2)
     assert one['tokens_per_step'] == two['tokens_per_step'] == 16 * 64          # the global batch, once
     for r in (one, two): assert abs(r['tokens_per_s'] * r['step_median_s'] - 16 * 64) < 1e-6 * 16 * 64
+
+
+RANK_STREAM_HOOK = '''
+import torch, torch.distributed as dist
+class RankStream:
+    "A stand-in for a rank's own device generator: rank r draws r + 1 numbers before every step, so each rank's random"
+    "stream (and with it its dropout masks) is its own, as cuda:r's is on a GPU machine."
+    def before_step(self, t):
+        torch.rand(dist.get_rank() + 1 if dist.is_initialized() else 1)
+'''
+
+
+def test_every_rank_resumes_its_own_random_stream(tmp_path):
+    "Each rank's generator state is saved and given back to that rank: the resumed 2-process run, dropout 0.2, with"
+    "ranks whose streams differ, repeats the straight run bit for bit (before: every rank got rank 0's states)."
+    (tmp_path / 'rankstream.py').write_text(RANK_STREAM_HOOK)
+    env = _env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    cfg = [*TINY, '--set', 'dropout=0.2', '--hook', 'rankstream:RankStream']
+    r = torchrun(['--max-steps', '20', '--out-dir', str(straight), *cfg], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(straight / 'checkpoints' / 'step_000010.pt', weights_only=True)
+    assert len(ck['rng_ranks']) == 2 and not torch.equal(ck['rng_ranks'][0]['torch'], ck['rng_ranks'][1]['torch'])
+    (resumed / 'checkpoints').mkdir(parents=True)
+    shutil.copy(straight / 'checkpoints' / 'step_000010.pt', resumed / 'checkpoints')
+    r = torchrun(['--resume', str(resumed), '--max-steps', '20', '--hook', 'rankstream:RankStream'], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = losses(straight), losses(resumed)
+    assert sorted(got) == list(range(11, 21)) and got == {s: ref[s] for s in got}
+    one = tmp_path / 'one'      # another world size continues, and says what it does not promise
+    (one / 'checkpoints').mkdir(parents=True)
+    shutil.copy(straight / 'checkpoints' / 'step_000010.pt', one / 'checkpoints')
+    r = single(['--resume', str(one), '--max-steps', '14'])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'computed by 2 process(es), this run has 1' in r.stdout
+    assert records(one)[0]['world_size_saved'] == 2 and sorted(losses(one)) == [11, 12, 13, 14]

@@ -17,8 +17,8 @@ from .data import check_world_batch   # the data chapter's rule, checked again b
 
 # %% auto #0
 __all__ = ['DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'grad_scaler', 'onednn_isa', 'machine_kind',
-           'describe_kind', 'to_device', 'unwrap_model', 'fork_rng', 'DistInfo', 'dist_env', 'init_distributed',
-           'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
+           'describe_kind', 'to_device', 'unwrap_model', 'fork_rng', 'compile_model', 'DistInfo', 'dist_env',
+           'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -116,6 +116,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def fork_rng(device: torch.device):
     "A context that restores the global random state (CPU, and `device` if CUDA) when it exits."
     return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [])
+
+# %% ../nbs/07_device.ipynb #a45ac81a
+def compile_model(model: nn.Module) -> nn.Module:
+    "`torch.compile(model)`, with inductor's on-disk cache keyed by the vector instructions its CPU code is built for."
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        tag = f"tinylm-vec-isa={pick_vec_isa() or 'none'}"
+    except Exception: tag = None   # no inductor here: torch.compile will say so itself
+    current = torch.compiler.config.cache_key_tag
+    if tag and tag not in current.split('|'):
+        torch.compiler.config.cache_key_tag = f"{current}|{tag}" if current else tag
+    return torch.compile(model)
 
 # %% ../nbs/07_device.ipynb #c2dfd8c8
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from .bpe import tokenizer_info
 from .device import machine_kind, describe_kind
 
 # %% auto #0
-__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'machine_change', 'ConsoleLogger', 'ProgressBar',
+__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_changes', 'ConsoleLogger', 'ProgressBar',
            'repair_log', 'JsonlLogger', 'LogError', 'read_log', 'tensorboard_writer_class', 'TensorBoardLogger']
 
 # %% ../nbs/10_loggers.ipynb #58d28edd
@@ -49,10 +49,13 @@ def git_commit(path=None) -> str | None:
         return sha if head.returncode == 0 and re.fullmatch(r'[0-9a-f]{40}', sha) else None
     except (OSError, subprocess.SubprocessError): return None
 
-def machine_change(t) -> dict | None:
-    "For a run resumed on another kind of machine than its checkpoint's: `{'machine_saved': that kind}` (else None)."
-    if not t.resumed_from or t.saved_machine == machine_kind(t.device): return None
-    return {'machine_saved': t.saved_machine}
+def resume_changes(t) -> dict:
+    """What a resumed run does differently from the run that wrote its checkpoint: another kind of machine, or another
+    number of processes (`{'machine_saved': ..., 'world_size_saved': ...}`, each only when it changed)."""
+    if not t.resumed_from: return {}
+    out = {} if t.saved_machine == machine_kind(t.device) else {'machine_saved': t.saved_machine}
+    if (t.saved_world_size or 1) != t.world_size: out['world_size_saved'] = t.saved_world_size
+    return out
 
 class _Window:
     "Tokens per second over the training time since the last report."
@@ -81,10 +84,14 @@ class ConsoleLogger(Hook):
         self.say(f"tinylm: {start}{run} | {t.raw_model.num_params():,} parameters | device {t.device} | "
                  f"steps {t.step + 1}..{t.max_steps}")
         self.say(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
-        if (changed := machine_change(t)) is not None:
+        changed = resume_changes(t)
+        if 'machine_saved' in changed:
             self.say(f"note: the checkpoint was computed on another kind of machine "
                      f"({describe_kind(changed['machine_saved'])}; here: {describe_kind(machine_kind(t.device))}); "
                      "the run continues correctly, but not bit for bit as it would have there")
+        if 'world_size_saved' in changed:
+            self.say(f"note: the checkpoint was computed by {changed['world_size_saved']} process(es), this run has "
+                     f"{t.world_size}: it continues at the same step, data position and schedule, but not bit for bit")
     def after_step(self, t):
         if t.step % t.config.log_cadence == 0:
             tps, secs = self.window.read(t)
@@ -181,7 +188,7 @@ class JsonlLogger(Hook):
                    device=str(t.device), torch_version=str(torch.__version__), world_size=t.world_size,
                    max_steps=t.max_steps, tokens_per_step=t.tokens_per_step, threads=torch.get_num_threads(),
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_kind(t.device),
-                   **(machine_change(t) or {}),
+                   **resume_changes(t),
                    optimizer=getattr(t.optimizer, 'impl', type(t.optimizer).__name__),
                    **getattr(t.optimizer, 'run_facts', {}),
                    **({'log_repaired': repaired} if repaired else {}))

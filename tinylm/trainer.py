@@ -62,6 +62,7 @@ class Trainer:
         self.resumed_from, self.data_sha256, self.init_from, self.status, self.error = None, None, None, 'created', None
         self.saved_machine = None    # the kind of machine a resumed checkpoint was computed on (None: unrecorded)
         self.scaler = grad_scaler(self.device, config.precision)   # float16 only (chapter 7)
+        self.saved_world_size = None   # the number of processes a resumed checkpoint was computed by
         self.stop_requested, self.stop_signal = False, None
         self.train_loader, self.restore_position, self.timer = None, None, None
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
@@ -243,8 +244,8 @@ def _should_stop(self: Trainer) -> bool:
 
 # %% ../nbs/09_trainer.ipynb #94f2830b
 @patch
-def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
-    "Everything needed to continue this run bit-exactly, as plain data."
+def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None, rng_ranks: list | None = None) -> dict:
+    "Everything needed to continue this run bit-exactly, as plain data (with every rank's random state if given)."
     tok = tokenizer or self.tokenizer
     if tok is None: raise TinyLMError("a checkpoint needs the tokenizer: pass it to the Trainer or to save_checkpoint")
     return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION,
@@ -257,6 +258,7 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None) -> dict:
             'torch_version': str(torch.__version__), 'tinylm_version': str(tinylm.__version__),
             'machine': machine_kind(self.device),
             'scaler': None if self.scaler is None else self.scaler.state_dict(),
+            **({'rng_ranks': rng_ranks} if rng_ranks is not None else {}),
             'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 @patch
@@ -269,7 +271,15 @@ def nonfinite_tensors(self: Trainer) -> list[str]:
     return bad
 
 @patch
-def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None) -> Path:
+def rank_rng_states(self: Trainer) -> list | None:
+    "Every rank's random states, gathered (a collective: every rank calls it at the same step); None for one process."
+    if self.world_size == 1: return None
+    states = [None] * self.world_size
+    torch.distributed.all_gather_object(states, capture_rng())
+    return states
+
+@patch
+def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None, rng_ranks: list | None = None) -> Path:
     "Atomically write a complete checkpoint to `path`; a model that is no longer finite is refused, never saved."
     bad = self.nonfinite_tensors()
     if bad:
@@ -278,7 +288,7 @@ def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None) -> 
         raise TrainingDiverged(f"the weights hold NaN or infinite values at step {self.step} ({len(bad)} tensors, "
                                f"{bad[0]} first), so no checkpoint was written; try a lower learning_rate (or more "
                                f"warmup_steps) and {last}")
-    return atomic_save(self.checkpoint_state(tokenizer), path)
+    return atomic_save(self.checkpoint_state(tokenizer, rng_ranks), path)
 
 @patch(cls_method=True)
 def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=None, hooks=None,
@@ -312,7 +322,9 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
         raise CheckpointError(f"{where}: its data position ({trainer.restore_position} batches) does not match step "
                               f"{trainer.step} x grad_accum_steps {config.grad_accum_steps}")
     if train_dataloader is not None: trainer._place_loader(train_dataloader)
-    restore_rng(ckpt['rng'])
+    ranks = ckpt.get('rng_ranks')
+    trainer.saved_world_size = int(ckpt.get('world_size') or 1)
+    restore_rng(ranks[rank] if ranks is not None and len(ranks) == world_size else ckpt['rng'])
     return trainer
 
 # %% ../nbs/09_trainer.ipynb #3edfe6ba
@@ -341,7 +353,8 @@ def default_hooks():
 
 # %% ../nbs/09_trainer.ipynb #baacbfc3
 class Checkpointer(Hook):
-    "Save `<out_dir>/checkpoints/step_NNNNNN.pt` on the cadence and at the end; keep the newest `keep_checkpoints`."
+    """Save `<out_dir>/checkpoints/step_NNNNNN.pt` on the cadence and at the end; keep the newest `keep_checkpoints`.
+    With several processes every rank runs it (each hands over its random states) and the main rank writes."""
     order = 30
     def __init__(self, folder=None): self.folder = folder
     def before_fit(self, t):
@@ -353,8 +366,10 @@ class Checkpointer(Hook):
     def after_fit(self, t):
         if t.status in ('completed', 'interrupted') and t.step != self.last_saved and t.step > 0: self.save(t)
     def save(self, t):
+        ranks = t.rank_rng_states()
+        if not t.is_main: self.last_saved = t.step; return
         try:
-            path = t.save_checkpoint(self.dir / f'step_{t.step:06d}.pt')
+            path = t.save_checkpoint(self.dir / f'step_{t.step:06d}.pt', rng_ranks=ranks)
             t.last_checkpoint = path   # complete on disk, even if the pointer below cannot be updated
             atomic_write(self.dir / 'latest', lambda f: f.write(path.name + '\n'), mode='w')
         except SaveError as e:
