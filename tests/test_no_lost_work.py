@@ -247,3 +247,32 @@ def test_a_diverged_model_is_never_saved_and_the_error_names_a_good_checkpoint(c
         assert all(torch.isfinite(v).all() for v in ck['model'].values()), f"{f.name} holds non-finite weights"
     if saved: assert f"resume from the last good checkpoint ({saved[-1]})" in error or str(saved[-1]) in error, error
     else: assert 'no checkpoint' in error, error
+
+
+FLAKY_HOOK = '''
+class Flaky:
+    def after_step(self, t):
+        if t.step == 13: raise ConnectionError("the dashboard went away")
+'''
+
+
+def test_a_hook_that_fails_mid_run_loses_no_steps(corpus, tmp_path):
+    "A user's hook raises at step 13 (checkpoints every 8): the run saves step 13 first, says so in one error line"
+    "naming the hook, and a resume from there repeats the straight run."
+    (tmp_path / 'flaky.py').write_text(FLAKY_HOOK)
+    out = tmp_path / 'run'
+    e = {**env(), 'PYTHONPATH': f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([tinylm_train_exe(), '--data', str(corpus), '--out-dir', str(out), '--max-steps', '20',
+                        '--hook', 'flaky:Flaky', *map(str, tiny_args())], capture_output=True, text=True, env=e,
+                       timeout=120)
+    assert_clean_error(p.returncode, p.stdout, p.stderr, 1, (
+        'the Flaky hook failed at step 13 (ConnectionError: the dashboard went away); the run was saved first',
+        f'--resume {out}/checkpoints/step_000013.pt'))
+    assert [r['status'] for r in events(read_jsonl(out / 'train.jsonl'), 'run_end')] == ['failed']
+    r = run_cli(['--resume', out, '--max-steps', 20])
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = run_cli(['--data', corpus, '--out-dir', tmp_path / 'straight', '--max-steps', 20, *tiny_args()])
+    assert straight.returncode == 0
+    a = losses(read_jsonl(tmp_path / 'straight' / 'train.jsonl'))
+    got = losses(segments(read_jsonl(out / 'train.jsonl'))[1])
+    assert sorted(got) == list(range(14, 21)) and got == {s: a[s] for s in got}

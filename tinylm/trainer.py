@@ -25,10 +25,12 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
                                model_from_checkpoint, find_checkpoints)
 
 # %% auto #0
-__all__ = ['EVENTS', 'Hook', 'hook_name', 'TrainingDiverged', 'Trainer', 'Evaluator', 'Sampler', 'default_hooks', 'Checkpointer',
-           'GracefulStop']
+__all__ = ['EVENTS', 'HookFailed', 'Hook', 'hook_name', 'TrainingDiverged', 'Trainer', 'Evaluator', 'Sampler', 'default_hooks',
+           'Checkpointer', 'GracefulStop']
 
 # %% ../nbs/09_trainer.ipynb #7f733842
+class HookFailed(TinyLMError): "A hook raised in the middle of a run, which was saved first."
+
 EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_sample', 'after_checkpoint', 'after_fit',
           'teardown')
 
@@ -63,6 +65,7 @@ class Trainer:
         self.saved_machine = None    # the kind of machine a resumed checkpoint was computed on (None: unrecorded)
         self.scaler = grad_scaler(self.device, config.precision)   # float16 only (chapter 7)
         self.saved_world_size = None   # the number of processes a resumed checkpoint was computed by
+        self.failed_hook = None
         self.stop_requested, self.stop_signal = False, None
         self.train_loader, self.restore_position, self.timer = None, None, None
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
@@ -80,8 +83,11 @@ class Trainer:
 
     def fire(self, event: str, safely: bool = False):
         "Call `event` on every hook defining it, in `order`; `safely`: every hook gets its turn, none masks an error."
-        for fn in [f for h in self.hooks if (f := getattr(h, event, None)) is not None]:
-            if not safely: fn(self)
+        for h in self.hooks:
+            if (fn := getattr(h, event, None)) is None: continue
+            if not safely:
+                try: fn(self)
+                except BaseException: self.failed_hook = h; raise   # remembered, so that `fit` can save the run
             else:
                 try: fn(self)
                 except Exception: pass
@@ -226,9 +232,25 @@ def fit(self: Trainer, train_loader, max_steps: int | None = None):
             self.training_step(batch)
     except BaseException as e:   # Ctrl+C without the GracefulStop hook, or a real failure
         self.status, self.error = ('interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'), e
+        saved = self._save_after_hook_failure(e)
         self.fire('after_fit', safely=True); self.fire('teardown', safely=True)
-        raise
+        if saved is None: raise
+        raise HookFailed(f"the {hook_name(self.failed_hook)} hook failed at step {self.step} ({type(e).__name__}: "
+                         f"{str(e).strip()[:300]}); the run was saved first: resume with tinylm_train --resume "
+                         f"{saved}") from e
     return self.end()
+
+@patch
+def _save_after_hook_failure(self: Trainer, e: BaseException):
+    "After a hook (not the checkpointer) failed mid-run, save the steps since the last checkpoint; the path, or None."
+    h = self.failed_hook
+    ck = next((c for c in self.hooks if isinstance(c, Checkpointer)), None)
+    if (h is None or ck is None or h is ck or self.world_size > 1 or not isinstance(e, Exception)
+            or isinstance(e, (TrainingDiverged, SaveError)) or self.step in (0, getattr(ck, 'last_saved', None))):
+        return None   # nothing new to save, no checkpointer, or several processes (the others are not here)
+    try: ck.save(self)
+    except Exception: return None   # a model that cannot be saved (NaN, a full disk): the first error stands
+    return self.last_checkpoint
 
 @patch
 def _should_stop(self: Trainer) -> bool:
@@ -340,6 +362,17 @@ class Evaluator(Hook):
 class Sampler(Hook):
     "Sample `sample_length` tokens every `sampling_cadence` steps and at the end of a completed run; needs a tokenizer."
     order = 20
+    def before_fit(self, t):   # what sampling needs is checked before step 1, not found missing at step 20
+        if not t.config.sample_length or t.tokenizer is None: return
+        p = t.tokenizer.default_prompt
+        ids = t.tokenizer.encode(p)
+        if len(ids) == 0:
+            raise TinyLMError(f"the tokenizer encodes the sampling prompt {p!r} to no tokens, so no sample could "
+                              "start: use a tokenizer that covers it, or turn sampling off with --set sample_length=0")
+        back = t.tokenizer.decode(ids)
+        if back != p:
+            raise TinyLMError(f"the tokenizer does not give the sampling prompt {p!r} back (it decodes to {back!r}): "
+                              "its samples would not be the text it was given; use a byte-level BPE or characters")
     def after_step(self, t):
         c = t.config.sampling_cadence
         if c and t.config.sample_length and t.tokenizer is not None and t.step % c == 0: t.sample()
