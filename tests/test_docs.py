@@ -94,9 +94,16 @@ def test_missing_notebooks_folder(tmp_path):
     assert not (tmp_path / '_docs').exists()
 
 
+def run_outputs(args, cwd, timeout=180) -> subprocess.CompletedProcess:
+    ensure_python3_kernel()
+    exe = shutil.which('tinylm_outputs')
+    return subprocess.run(([exe] if exe else [sys.executable, '-m', 'tinylm.outputs']) + list(args), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+
 def test_check_names_each_stale_output_and_update_refreshes_it(tmp_path):
-    "`--check` fails on an output today's code would not print (naming notebook and cell), passes on float noise and"
-    "on volatile cells; `--update` writes the new outputs, after which `--check` passes."
+    "`tinylm_outputs` fails on an output today's code would not print (naming notebook and cell), passes on float noise and"
+    "on volatile cells; `--update` writes the new outputs, after which the check passes."
     from nbformat.v4 import new_output
     nbs = tmp_path / 'nbs'
     stale = new_code_cell("print(f'loss {1.86101:.5f} (2.685 bpb)')")
@@ -109,7 +116,7 @@ def test_check_names_each_stale_output_and_update_refreshes_it(tmp_path):
     skipped.outputs = [new_output('stream', name='stdout', text='not run\n')]
     write_nb(nbs / '00_a.ipynb', new_markdown_cell("# A"), stale, noise, timing, skipped)
     write_nb(nbs / '01_b.ipynb', new_markdown_cell("# B"), new_code_cell("x = 1"))
-    r = run_docs(['--check'], cwd=tmp_path)
+    r = run_outputs([], cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
     assert errors == [
@@ -117,9 +124,9 @@ def test_check_names_each_stale_output_and_update_refreshes_it(tmp_path):
         "'[stdout] loss 1.86102 (2.685 bpc)', now '[stdout] loss 1.86101 (2.685 bpb)'",
         "error: nbs/00_a.ipynb: cell 5 (`#| eval: false`) is not run (eval: false) but has committed outputs"], errors
     assert '2 stale outputs or failures in 1' in r.stdout
-    r = run_docs(['--update', '00_a'], cwd=tmp_path)
+    r = run_outputs(['--update', '00_a'], cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_docs(['--check'], cwd=tmp_path)
+    r = run_outputs([], cwd=tmp_path)
     assert r.returncode == 0 and 'every output is current' in r.stdout, r.stdout + r.stderr
-    r = run_docs(['--check', 'nope'], cwd=tmp_path)
+    r = run_outputs(['nope'], cwd=tmp_path)
     assert r.returncode == 1 and 'error: no notebook nope in nbs' in r.stderr, r.stderr

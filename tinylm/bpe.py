@@ -4,18 +4,18 @@
 
 # %% ../nbs/02_tokenization.ipynb #cff969be
 from __future__ import annotations
-import codecs, functools, hashlib, math, re
+import codecs, functools, math, re
 from pathlib import Path
 
 import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .tokenizer import Tokenizer, TokenizerError, _as_ids
+from .tokenizer import Tokenizer, TokenizerError, _TokenizerBase, _as_ids
 
 # %% auto #0
 __all__ = ['PIECE_CHARS', 'SAMPLE_CHARS', 'MIN_VOCAB', 'iter_pieces', 'text_pieces', 'safe_end', 'BPETokenizer',
-           'tokenizer_from_state', 'tokenizer_info', 'token_bytes', 'StreamDecoder', 'count_tables', 'TextCounts']
+           'tokenizer_class', 'tokenizer_from_state', 'tokenizer_info', 'StreamDecoder', 'count_tables', 'TextCounts']
 
 # %% ../nbs/02_tokenization.ipynb #618e6593
 PIECE_CHARS = 1 << 16            # the training text is fed (and encoded) in pieces of about this many characters
@@ -64,9 +64,9 @@ def _byte_decoder() -> dict[str, int]:
     assert set(chars) == set(alphabet), "tokenizers' byte-level alphabet is not GPT-2's"
     return chars
 
-class BPETokenizer:
+class BPETokenizer(_TokenizerBase):
     "A `tokenizer.json` tokenizer (byte-level BPE when tinylm trains it) with the character `Tokenizer`'s interface."
-    kind = 'bpe'
+    kind, _state_key, holds_out = 'bpe', 'json', True
     def __init__(self, json_text: str, source: str = 'the tokenizer state'):
         lib = _library()
         try: self._tok = lib.Tokenizer.from_str(json_text)
@@ -76,7 +76,6 @@ class BPETokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         if self.vocab_size < 1: raise TokenizerError(f"{source} has an empty vocabulary")
         self.dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
-        self.sha256 = hashlib.sha256(json_text.encode('utf-8')).hexdigest()
         self.byte_level = type(self._tok.decoder).__name__ == 'ByteLevel'
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         table = _byte_decoder() if self.byte_level else None
@@ -89,8 +88,9 @@ class BPETokenizer:
             self.token_bytes.append(b)
 
     @classmethod
-    def train(cls, pieces, vocab_size: int) -> BPETokenizer:
-        "A byte-level BPE of `vocab_size` entries trained on the iterable of texts `pieces` (see `text_pieces`)."
+    def train(cls, pieces, vocab_size: int | None = None) -> BPETokenizer:
+        "A byte-level BPE of `vocab_size` entries trained on the texts `pieces` (see `text_pieces`), or on one text."
+        if isinstance(pieces, str): pieces = text_pieces(pieces)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
             raise TokenizerError(f"a byte-level BPE needs at least {MIN_VOCAB} entries (256 bytes and one merge), "
                                  f"got {vocab_size!r}")
@@ -114,9 +114,10 @@ class BPETokenizer:
             raise TokenizerError(f"cannot read tokenizer file {p}: {e}") from None
         return cls(text, str(p))
 
-    def __eq__(self, other): return isinstance(other, BPETokenizer) and other.json == self.json
-    def __hash__(self): return hash(self.sha256)
-    def __len__(self): return self.vocab_size
+    def to_str(self) -> str: return self.json
+    def safe_cut(self, text: str) -> int:
+        "Where `text` can be cut and its parts encoded apart with the ids of the whole: its last word boundary."
+        return safe_end(text)
     def __repr__(self): return f"BPETokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
 # %% ../nbs/02_tokenization.ipynb #113b0f38
@@ -142,42 +143,31 @@ def default_prompt(self: BPETokenizer) -> str:
     "The prompt of a sample nobody gave one: a newline (a byte token of every byte-level vocabulary)."
     return '\n'
 
-@patch
-def state_dict(self: BPETokenizer) -> dict:
-    "The tokenizer as plain data: `{'kind': 'bpe', 'version': 1, 'json': <tokenizer.json text>}`."
-    return {'kind': 'bpe', 'version': 1, 'json': self.json}
-
-@patch(cls_method=True)
-def from_state_dict(cls: BPETokenizer, d) -> BPETokenizer:
-    "Rebuild a tokenizer saved with `state_dict`, validating it."
-    if not isinstance(d, dict) or d.get('kind') != 'bpe' or not isinstance(d.get('json'), str):
-        raise TokenizerError("a BPE tokenizer state is a dict {'kind': 'bpe', 'version': 1, 'json': str}")
-    if d.get('version', 1) != 1:
-        raise TokenizerError(f"BPE tokenizer state has version {d.get('version')!r}; this tinylm reads version 1 only")
-    return cls(d['json'])
-
 # %% ../nbs/02_tokenization.ipynb #20e3bc0d
+_KINDS = {'char': Tokenizer, 'bpe': BPETokenizer}
+
+def tokenizer_class(kind: str) -> type:
+    "The tokenizer class of `kind`: `Tokenizer` for 'char', `BPETokenizer` for 'bpe'."
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; this tinylm has 'char' and 'bpe'")
+    return _KINDS[kind]
+
 def tokenizer_from_state(d):
     "The tokenizer (character or BPE) saved as `d` by its `state_dict`."
     kind = d.get('kind') if isinstance(d, dict) else None
-    if kind == 'char': return Tokenizer.from_state_dict(d)
-    if kind == 'bpe': return BPETokenizer.from_state_dict(d)
-    raise TokenizerError(f"tokenizer state has kind {kind!r}; this tinylm reads 'char' and 'bpe'")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise TokenizerError(f"tokenizer state has kind {kind!r}; this tinylm reads 'char' and 'bpe'")
+    return _KINDS[kind].from_state_dict(d)
 
 def tokenizer_info(tok) -> dict:
     "`{'kind', 'vocab_size', 'sha256'}` of a tokenizer: what a log record needs to tell two vocabularies apart."
-    if isinstance(tok, BPETokenizer): return dict(kind='bpe', vocab_size=tok.vocab_size, sha256=tok.sha256)
-    return dict(kind='char', vocab_size=tok.vocab_size, sha256=hashlib.sha256(tok.chars.encode('utf-8')).hexdigest())
-
-def token_bytes(tok) -> list[bytes]:
-    "The UTF-8 bytes each id of `tok` stands for."
-    return tok.token_bytes if isinstance(tok, BPETokenizer) else [c.encode('utf-8') for c in tok.chars]
+    return dict(kind=tok.kind, vocab_size=tok.vocab_size, sha256=tok.sha256)
 
 # %% ../nbs/02_tokenization.ipynb #58df5d5d
 class StreamDecoder:
     "Ids in one at a time, text out as soon as its characters are complete."
     def __init__(self, tok):
-        self.table, self.utf8 = token_bytes(tok), codecs.getincrementaldecoder('utf-8')(errors='replace')
+        self.table, self.utf8 = tok.token_bytes, codecs.getincrementaldecoder('utf-8')(errors='replace')
     def step(self, i: int) -> str:
         "The text completed by id `i` (often '' in the middle of a character)."
         return self.utf8.decode(self.table[int(i)])
@@ -189,7 +179,7 @@ class StreamDecoder:
 @functools.lru_cache(maxsize=8)
 def count_tables(tok) -> tuple[np.ndarray, np.ndarray]:
     "For every id of `tok`: the UTF-8 bytes it stands for, and the characters that start in it (int64 arrays)."
-    table = token_bytes(tok)
+    table = tok.token_bytes
     n_bytes = np.array([len(b) for b in table], dtype=np.int64)
     n_chars = np.array([sum(1 for x in b if x & 0xC0 != 0x80) for b in table], dtype=np.int64)
     return n_bytes, n_chars

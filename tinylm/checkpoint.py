@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_checkpoint.ipynb #3522373f
 from __future__ import annotations
-import os, random, re, secrets, sys
+import os, random, re, secrets, signal, sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,10 @@ try: import fcntl          # POSIX: advisory file locks
 except ImportError: fcntl = None
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'RESUMABLE_SINCE', 'capture_rng', 'restore_rng', 'SaveError',
+__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'RESUMABLE_SINCE', 'EVENTS', 'capture_rng', 'restore_rng', 'SaveError',
            'atomic_write', 'atomic_save', 'CheckpointError', 'find_checkpoints', 'resolve_checkpoint',
-           'load_checkpoint', 'check_resumable', 'model_from_checkpoint', 'RunBusy', 'RunLock']
+           'load_checkpoint', 'scaler_state', 'check_resumable', 'model_from_checkpoint', 'RunBusy', 'RunLock', 'Hook',
+           'hook_name', 'nonfinite_tensors', 'gather_rng', 'Checkpointer', 'GracefulStop']
 
 # %% ../nbs/08_checkpoint.ipynb #69ef230e
 def capture_rng() -> dict:
@@ -143,6 +144,15 @@ def load_checkpoint(path) -> dict:
     ckpt['path'] = str(p)
     return ckpt
 
+def scaler_state(ckpt: dict, scaled: bool) -> dict | None:
+    "The saved loss scale of a run that scales its loss (float16); a float16 checkpoint without one is refused."
+    if not scaled: return None
+    if ckpt.get('scaler') is None:
+        raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')} was trained in float16 without a loss scale "
+                              "(float16 runs of tinylm before 0.3 had none), so it cannot continue as a float16 run "
+                              "with one: resume it with --set precision=float32 (or bfloat16)")
+    return ckpt['scaler']
+
 def check_resumable(ckpt: dict):
     "Refuse to resume from a checkpoint whose run this tinylm cannot continue bit-exactly."
     if ckpt['version'] < RESUMABLE_SINCE:
@@ -221,3 +231,77 @@ class RunLock:
         "Give the lock back (the process ending does the same)."
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd); self.fd = None
+
+# %% ../nbs/08_checkpoint.ipynb #e233d20e
+EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_sample', 'after_checkpoint', 'after_fit',
+          'teardown')
+
+class Hook:
+    "Base class for trainer hooks: override any of `EVENTS`; lower `order` runs first."
+    order = 50
+    @property
+    def name(self): return type(self).__name__
+    def __repr__(self): return self.name
+
+def hook_name(h) -> str:
+    "A hook's name; hooks need not subclass `Hook`."
+    return getattr(h, 'name', None) or type(h).__name__
+
+def nonfinite_tensors(model: torch.nn.Module, optimizer) -> list[str]:
+    "The parameters and optimizer-state tensors holding a NaN or an infinity, by name."
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    for i, s in enumerate(optimizer.state.values()):
+        bad += [f"optimizer state {i}: {k}" for k, v in s.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad
+
+def gather_rng(world_size: int) -> list | None:
+    "Every rank's random states (a collective: every rank calls it at the same step); None for one process."
+    if world_size == 1: return None
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, capture_rng())
+    return states
+
+# %% ../nbs/08_checkpoint.ipynb #0e15c3b7
+class Checkpointer(Hook):
+    """Save `<out_dir>/checkpoints/step_NNNNNN.pt` on the cadence and at the end; keep the newest `keep_checkpoints`.
+    With several processes every rank runs it (each hands over its random states) and the main rank writes."""
+    order = 30
+    def __init__(self, folder=None): self.folder = folder
+    def before_fit(self, t):
+        self.dir = Path(self.folder) if self.folder else Path(t.config.out_dir) / 'checkpoints'
+        self.last_saved = t.step if t.resumed_from else None
+    def after_step(self, t):
+        c = t.config.checkpoint_cadence
+        if c and t.step % c == 0: self.save(t)
+    def after_fit(self, t):
+        if t.status in ('completed', 'interrupted') and t.step != self.last_saved and t.step > 0: self.save(t)
+    def save(self, t):
+        ranks = gather_rng(t.world_size)
+        if not t.is_main: self.last_saved = t.step; return
+        try:
+            path = t.save_checkpoint(self.dir / f'step_{t.step:06d}.pt', rng_ranks=ranks)
+            t.last_checkpoint = path   # complete on disk, even if the pointer below cannot be updated
+            atomic_write(self.dir / 'latest', lambda f: f.write(path.name + '\n'), mode='w')
+        except SaveError as e:
+            good = t.last_checkpoint
+            raise SaveError(f"{e}; " + (f"resume from the last good checkpoint with: tinylm_train --resume {good}"
+                                        if good else "no checkpoint of this run was saved yet")) from None
+        for old in find_checkpoints(self.dir)[:-t.config.keep_checkpoints]:
+            if old != path: old.unlink(missing_ok=True)
+        self.last_saved = t.step
+        t.fire('after_checkpoint')
+
+class GracefulStop(Hook):
+    "SIGINT, SIGTERM and SIGHUP request a stop at the next step boundary instead of killing the process mid-step."
+    order = 0   # first in, and out only at `teardown`: after the final checkpoint and log line are written
+    signals = ('SIGINT', 'SIGTERM', 'SIGHUP')
+    def before_fit(self, t):
+        self.previous = {}
+        for name in self.signals:
+            sig = getattr(signal, name, None)   # Windows has no SIGHUP
+            if sig is None: continue
+            try: self.previous[sig] = signal.signal(sig, lambda signum, frame: t.request_stop(signum))
+            except ValueError: pass    # not the main thread: leave signals alone
+    def teardown(self, t):
+        for sig, handler in self.previous.items(): signal.signal(sig, handler)

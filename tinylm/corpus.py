@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import TinyLMError, BUNDLED_CORPUS, resolve_data_path, brief, os_error_cause
 from .tokenizer import Tokenizer, TokenizerError
-from .bpe import BPETokenizer, iter_pieces, text_pieces, safe_end, tokenizer_info, SAMPLE_CHARS
+from .bpe import tokenizer_class, iter_pieces, text_pieces, safe_end, SAMPLE_CHARS
 
 # %% auto #0
 __all__ = ['DEFAULT_CORPUS', 'CHUNK_BYTES', 'DataError', 'corpus_files', 'CorpusReader', 'load_text', 'text_sha256', 'cache_dir',
@@ -147,7 +147,7 @@ def _write_text(path: Path, text: str):
 
 def _write_json(path: Path, obj): _write_text(path, json.dumps(obj))
 
-def _vocab_key(tok) -> str: return tokenizer_info(tok)['sha256'][:16]
+def _vocab_key(tok) -> str: return tok.sha256[:16]
 
 def _encode(tok: Tokenizer, text: str, offset: int, source: str):
     try: return tok.encode(text, offset)
@@ -162,14 +162,29 @@ def _scan(reader: CorpusReader, progress) -> dict:
         progress(reader.bytes_read)
     return {'sha256': reader.sha256, 'n_chars': reader.n_chars, 'chars': chars}
 
-def _write_ids(reader: CorpusReader, tok: Tokenizer, n_chars: int, path: Path, progress, source: str):
-    "Pass 2: the ids of every chunk, appended to the token file `path`, then its sidecar."
+def _write_ids(reader: CorpusReader, tok, cut: int | None, path: Path, progress, source: str):
+    """Pass 2: the ids of the corpus, streamed into the token file `path`, then its sidecar. With a `cut` (in
+    characters), the text before it and the text after it are encoded apart and the sidecar records the split."""
+    state = dict(tokens=0, split_at=None)
     def write(f):
-        for text in reader.chunks(sha256=False):   # pass 1 has the fingerprint
-            _encode(tok, text, reader.n_chars - len(text), source).tofile(f)
+        def put(text, offset):
+            ids = _encode(tok, text, offset, source)
+            ids.tofile(f)
+            state['tokens'] += len(ids)
+        carry, carry_at = '', 0
+        for chunk in reader.chunks(sha256=False):   # pass 1 has the fingerprint
+            text, start = carry + chunk, carry_at
+            if cut is not None and state['split_at'] is None and start + len(text) >= cut:   # the split is in here
+                put(text[:cut - start], start)
+                state['split_at'], text, start = state['tokens'], text[cut - start:], cut
+            end = tok.safe_cut(text) if len(text) < 4 * reader.chunk_bytes else len(text)   # no boundary: cut anyway
+            put(text[:end], start)
+            carry, carry_at = text[end:], start + end
             progress(reader.bytes_read)
+        put(carry, carry_at)
+        if cut is not None and state['split_at'] is None: state['split_at'] = state['tokens']
     _write_file(path, write)
-    _finish_ids(path, tok, n_chars)
+    _finish_ids(path, tok, state['tokens'], state['split_at'])
 
 def _write_file(path: Path, write):
     "`write(f)` into a temporary file, forced to disk and out of the page cache, then renamed to `path`."
@@ -211,30 +226,38 @@ def train_chars(n_chars: int, val_fraction: float) -> int:
     "Characters in the training part of a corpus of `n_chars`: the last `val_fraction` is validation (`split_corpus`)."
     return n_chars - int(n_chars * val_fraction + 0.5)
 
-def _is_bpe(tokenizer, kind: str) -> bool:
-    return isinstance(tokenizer, BPETokenizer) or (tokenizer is None and kind == 'bpe')
-
-def _bpe_in_memory(text: str, tok, vocab_size: int, val_fraction: float, source: str):
-    "Train (unless given) on the training part, encode the two parts apart: (ids, tokenizer, first validation token)."
-    cut = train_chars(len(text), val_fraction)
-    tok = tok or BPETokenizer.train(text_pieces(text[:cut]), vocab_size)
+def _encode_parts(tok, text: str, cut: int | None, source: str):
+    "The ids of `text`, and with a `cut` the first id of the part after it (the two parts are encoded apart)."
+    if cut is None: return _encode(tok, text, 0, source), None
     train, val = _encode(tok, text[:cut], 0, source), _encode(tok, text[cut:], cut, source)
-    return np.concatenate([train, val]), tok, len(train)
+    return np.concatenate([train, val]), len(train)
+
+def _trained(cls, reader: CorpusReader, meta: dict, entry: Path, cut: int | None, vocab_size: int, show, source: str):
+    "A new tokenizer of class `cls` for a prepared corpus: trained on it, or read back from its cache entry."
+    if cut is None: return cls.train(meta['chars'], vocab_size)     # all of the text: its characters, from pass 1
+    saved = entry / f"{cls.kind}-{vocab_size}-{cut}.json"
+    try: return cls(saved.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, TokenizerError): pass      # not trained yet (or a damaged file)
+    what = f"sampling {source} for a {vocab_size:,}-entry {cls.kind.upper()}"
+    sample = _sample(reader, cut, show(what, reader.n_bytes))
+    tok = cls.train(sample, vocab_size)
+    del sample
+    _write_text(saved, tok.to_str())
+    return tok
 
 def prepare_corpus(path=None, tokenizer=None, progress=None, kind: str = 'char', vocab_size: int = 1024,
                    val_fraction: float = 0.05) -> Corpus:
-    "Token ids of the corpus at `path` with `tokenizer` (default: its own characters, or a BPE for `kind='bpe'`)."
+    "Token ids of the corpus at `path` with `tokenizer` (default: a new tokenizer of `kind`, trained on the corpus)."
     files = corpus_files(path)
     source = str(files[0] if len(files) == 1 else files[0].parent)
     reader = CorpusReader(files)
-    bpe = _is_bpe(tokenizer, kind)
+    cls = type(tokenizer) if tokenizer is not None else tokenizer_class(kind)
     if reader.n_bytes < cache_min_bytes():      # small: tokenize in memory, at every start
         text = ''.join(reader.chunks())
-        if bpe:
-            ids, tok, split_at = _bpe_in_memory(text, tokenizer, vocab_size, val_fraction, source)
-            return Corpus(ids, tok, reader.sha256, source, split_at=split_at)
-        tok = tokenizer or Tokenizer.from_text(text)
-        return Corpus(_encode(tok, text, 0, source), tok, reader.sha256, source)
+        cut = train_chars(len(text), val_fraction) if cls.holds_out else None
+        tok = tokenizer or cls.train(text[:cut], vocab_size)
+        ids, split_at = _encode_parts(tok, text, cut, source)
+        return Corpus(ids, tok, reader.sha256, source, split_at=split_at)
     entry = _entry(files, cache_dir())
     show = progress or (lambda *a, **k: (lambda done: None))
     try:
@@ -245,18 +268,18 @@ def prepare_corpus(path=None, tokenizer=None, progress=None, kind: str = 'char',
         if meta is None:
             meta = _scan(reader, show(f"scanning {source}", reader.n_bytes))
             _write_json(entry / 'corpus.json', {**meta, 'source': source, 'files': [str(f) for f in files]})
-        if bpe: return _prepared_bpe(reader, meta, entry, tokenizer, vocab_size, val_fraction, show, source)
-        tok = tokenizer or Tokenizer(meta['chars'])
-        ids_path = entry / f"ids-{_vocab_key(tok)}.bin"
+        cut = train_chars(meta['n_chars'], val_fraction) if cls.holds_out else None
+        tok = tokenizer or _trained(cls, reader, meta, entry, cut, vocab_size, show, source)
+        ids_path = entry / (f"ids-{_vocab_key(tok)}.bin" if cut is None else f"ids-{_vocab_key(tok)}-{cut}.bin")
         ids = _open_ids(ids_path, tok)
         if ids is None:
-            _write_ids(reader, tok, meta['n_chars'], ids_path, show(f"tokenizing {source}", reader.n_bytes), source)
+            _write_ids(reader, tok, cut, ids_path, show(f"tokenizing {source}", reader.n_bytes), source)
             ids = _open_ids(ids_path, tok)
     except OSError as e:
         raise DataError(f"cannot prepare {source} in the cache {entry.parent}: {os_error_cause(e)} (the token file "
                         f"needs about {reader.n_bytes / 2**20:,.0f} MB; set TINYLM_CACHE_DIR to a folder with "
                         "room)") from None
-    return Corpus(ids, tok, meta['sha256'], source, ids_path)
+    return Corpus(ids, tok, meta['sha256'], source, ids_path, split_at=_split_meta(ids_path))
 
 # %% ../nbs/03_corpus.ipynb #47ef7be9
 def _training_chunks(reader: CorpusReader, cut: int, progress):
@@ -268,7 +291,7 @@ def _training_chunks(reader: CorpusReader, cut: int, progress):
         progress(reader.bytes_read)
         if pos >= cut: return
 
-def _bpe_sample(reader: CorpusReader, cut: int, progress) -> list[str]:
+def _sample(reader: CorpusReader, cut: int, progress) -> list[str]:
     "The training part in pieces; beyond `SAMPLE_CHARS` characters, the start of every chunk, in proportion."
     chunks = _training_chunks(reader, cut, progress)
     if cut <= SAMPLE_CHARS: return list(iter_pieces(chunks))     # all of it: the pieces of the in-memory path
@@ -277,49 +300,6 @@ def _bpe_sample(reader: CorpusReader, cut: int, progress) -> list[str]:
         n = int(len(text) * share)
         pieces += text_pieces(text[:safe_end(text[:n + 1]) or n])
     return pieces
-
-def _write_bpe_ids(reader: CorpusReader, tok, cut: int, path: Path, progress, source: str):
-    "The ids of the training part, then of the validation part, streamed into `path`; its sidecar records the split."
-    state = dict(pos=0, tokens=0, split_at=None)
-    def write(f):
-        def put(text, offset):
-            ids = _encode(tok, text, offset, source)
-            ids.tofile(f)
-            state['tokens'] += len(ids)
-        carry, carry_at = '', 0
-        for chunk in reader.chunks(sha256=False):
-            text, start = carry + chunk, carry_at
-            if state['split_at'] is None and start + len(text) >= cut:       # the split falls in this text
-                put(text[:cut - start], start)
-                state['split_at'], text, start = state['tokens'], text[cut - start:], cut
-            end = safe_end(text) if len(text) < 4 * reader.chunk_bytes else len(text)   # no boundary at all: cut anyway
-            put(text[:end], start)
-            carry, carry_at = text[end:], start + end
-            progress(reader.bytes_read)
-        put(carry, carry_at)
-        if state['split_at'] is None: state['split_at'] = state['tokens']
-    _write_file(path, write)
-    _finish_ids(path, tok, state['tokens'], state['split_at'])
-
-def _prepared_bpe(reader, meta, entry: Path, tokenizer, vocab_size, val_fraction, show, source) -> Corpus:
-    "The memory-mapped BPE ids of a big corpus, training (or reusing) its tokenizer and preparing its token file."
-    cut = train_chars(meta['n_chars'], val_fraction)
-    tok = tokenizer
-    if tok is None:
-        saved = entry / f"bpe-{vocab_size}-{cut}.json"
-        try: tok = BPETokenizer.from_file(saved)
-        except TokenizerError: tok = None
-        if tok is None:
-            pieces = _bpe_sample(reader, cut, show(f"sampling {source} for a {vocab_size:,}-entry BPE", reader.n_bytes))
-            tok = BPETokenizer.train(pieces, vocab_size)
-            del pieces
-            _write_text(saved, tok.json)
-    ids_path = entry / f"ids-{_vocab_key(tok)}-{cut}.bin"
-    ids = _open_ids(ids_path, tok)
-    if ids is None:
-        _write_bpe_ids(reader, tok, cut, ids_path, show(f"tokenizing {source}", reader.n_bytes), source)
-        ids = _open_ids(ids_path, tok)
-    return Corpus(ids, tok, meta['sha256'], source, ids_path, split_at=_split_meta(ids_path))
 
 # %% ../nbs/03_corpus.ipynb #000e6595
 def show_progress(description: str, total: int, file=None):

@@ -12,9 +12,9 @@ from .config import TinyLMError
 from .cli import CLIParser, command, say, print_error
 
 # %% auto #0
-__all__ = ['NUMBER_RTOL', 'main', 'cli', 'DocsError', 'find_notebooks', 'split_directives', 'prepare_notebook', 'notebook_info',
+__all__ = ['main', 'cli', 'DocsError', 'find_notebooks', 'split_directives', 'prepare_notebook', 'notebook_info',
            'execute_notebook', 'Chapter', 'page_name', 'inline_md', 'render_page', 'site_info', 'index_page',
-           'build_docs', 'output_texts', 'same_output', 'stale_outputs', 'check_book', 'make_parser', 'run']
+           'build_docs', 'make_parser', 'run']
 
 # %% ../nbs/20_docs.ipynb #04e21f30
 class DocsError(TinyLMError): "The docs cannot be built: no notebooks folder, no notebooks, missing tools."
@@ -277,92 +277,6 @@ def build_docs(nbs='nbs', out='_docs', execute: bool = True, timeout: int = 600,
     (out / 'index.html').write_text(index_page(chapters, *site_info(nbs)), encoding='utf-8')
     return chapters
 
-# %% ../nbs/20_docs.ipynb #ceecd7d8
-NUMBER_RTOL = 5e-4
-_FIGURE = re.compile(r'(?<![\w.])[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?(?!\d)')
-
-def output_texts(cell) -> list[str]:
-    "What a code cell shows, one string per output: streams joined, rich results by their text, images as `<image>`."
-    out = []
-    for o in cell.get('outputs', []):
-        kind = o.get('output_type')
-        if kind == 'stream':
-            text = f"[{o.get('name', 'stdout')}] {''.join(o.get('text', ''))}"
-            if out and out[-1].startswith(f"[{o.get('name', 'stdout')}] "): out[-1] += ''.join(o.get('text', ''))
-            else: out.append(text)
-        elif kind in ('execute_result', 'display_data'):
-            data = o.get('data', {})
-            if any(k.startswith('image/') for k in data): out.append('<image>')
-            else: out.append(''.join(next((data[k] for k in ('text/markdown', 'text/html', 'text/plain') if k in data),
-                                          '')))
-        elif kind == 'error': out.append(f"[error] {o.get('ename')}: {o.get('evalue')}")
-    return out
-
-def _numbers(text: str) -> tuple[str, list[float]]:
-    "The text with every number replaced by `#`, and the numbers."
-    nums = [float(m.group().replace(',', '').replace('_', '')) for m in _FIGURE.finditer(text)]
-    return _FIGURE.sub('#', text), nums
-
-def same_output(committed: str, now: str, rtol: float = NUMBER_RTOL) -> bool:
-    "Equal text once numbers are taken out, and numbers equal within `rtol` (relative)."
-    (a, xs), (b, ys) = _numbers(committed), _numbers(now)
-    return a == b and len(xs) == len(ys) and all(abs(x - y) <= rtol * max(abs(x), abs(y)) for x, y in zip(xs, ys))
-
-def _snippet(texts: list[str], other: list[str]) -> str:
-    "The first line of `texts` that differs from `other`'s, briefly."
-    a, b = '\n'.join(texts).splitlines(), '\n'.join(other).splitlines()
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if not same_output(x, y)), min(len(a), len(b)))
-    line = a[i] if i < len(a) else '(nothing)'
-    return repr(line if len(line) <= 100 else line[:97] + '...')
-
-def stale_outputs(committed, executed) -> list[str]:
-    "Where the executed copy of a notebook prints something else than its committed outputs, one line per cell."
-    found = []
-    for i, (c, e) in enumerate(zip(committed.cells, executed.cells)):
-        if c.cell_type != 'code': continue
-        d, _ = split_directives(c.source)
-        where = f"cell {i + 1} (`{_first_line(c.source)}`)"
-        if _false(d.get('eval', 'true')):
-            if c.get('outputs'): found.append(f"{where} is not run (eval: false) but has committed outputs")
-            continue
-        if 'volatile' in d:
-            if not d['volatile']: found.append(f"{where} is marked volatile without a reason (`#| volatile: why`)")
-            continue
-        old, new = output_texts(c), output_texts(e)
-        if len(old) != len(new) or not all(same_output(a, b) for a, b in zip(old, new)):
-            found.append(f"{where}: committed {_snippet(old, new)}, now {_snippet(new, old)}")
-    return found
-
-# %% ../nbs/20_docs.ipynb #7bb5b88c
-def check_book(nbs='nbs', timeout: int = 600, update: bool = False, log=print, only=None) -> dict[str, list[str]]:
-    "Execute every notebook of `nbs` (or those named in `only`); `{notebook: problems}` where outputs are stale."
-    import nbformat
-    found = {}
-    paths = find_notebooks(nbs)
-    if only:
-        names = {Path(n).stem for n in only}
-        unknown = sorted(names - {p.stem for p in paths})
-        if unknown: raise DocsError(f"no notebook {', '.join(unknown)} in {nbs}")
-        paths = [p for p in paths if p.stem in names]
-    if not paths: raise DocsError(f"no notebooks (*.ipynb) in {nbs}")
-    for i, p in enumerate(paths, 1):
-        t0 = time.time()
-        nb = nbformat.read(p, as_version=4)
-        executed = prepare_notebook(nb)
-        error = execute_notebook(executed, Path(nbs).resolve(), timeout)
-        problems = [error] if error else stale_outputs(nb, executed)
-        if update and not error:
-            for c, e in zip(nb.cells, executed.cells):   # a cell that is not run keeps no output
-                if c.cell_type != 'code': continue
-                c.outputs = [] if _false(split_directives(c.source)[0].get('eval', 'true')) else e.get('outputs', [])
-            nbformat.write(nb, p)
-            problems = []
-        if problems: found[p.name] = problems
-        log(f"[{i}/{len(paths)}] {p.name}: " + (f"{len(problems)} stale" if problems and not error else
-                                               'FAILED' if error else 'updated' if update else 'ok')
-            + f" ({time.time() - t0:.1f} s)")
-    return found
-
 # %% ../nbs/20_docs.ipynb #caa0fcc9
 def make_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='tinylm_docs', description='Execute every notebook and render the book to static HTML.',
@@ -372,13 +286,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-execute', dest='execute', action='store_false',
                    help='render the notebooks as stored, without running them')
     p.add_argument('--timeout', type=int, default=600, metavar='S', help='seconds one cell may run (default: 600)')
-    p.add_argument('notebooks', nargs='*', metavar='NOTEBOOK',
-                   help='with --check or --update: only these notebooks (names, with or without .ipynb)')
-    g = p.add_mutually_exclusive_group()
-    g.add_argument('--check', action='store_true',
-                   help='execute every notebook and fail if a committed output differs from what it prints now')
-    g.add_argument('--update', action='store_true',
-                   help='execute every notebook and write its new outputs into it (then run nbdev_clean)')
     return p
 
 def run(args) -> int:
@@ -388,18 +295,6 @@ def run(args) -> int:
                         "or pass --nbs DIR")
     if args.timeout <= 0: raise DocsError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     t0 = time.time()
-    if args.notebooks and not (args.check or args.update):
-        raise DocsError("naming notebooks works with --check or --update; the site is built from all of them")
-    if args.check or args.update:
-        if not args.execute: raise DocsError("--check and --update execute the notebooks: drop --no-execute")
-        stale = check_book(nbs, args.timeout, update=args.update, only=args.notebooks)
-        for name, problems in stale.items():
-            for problem in problems: print_error(f"{nbs / name}: {problem}")
-        n = len(args.notebooks) or len(find_notebooks(nbs))
-        say(f"{'updated' if args.update else 'checked'} {n} notebooks in {time.time() - t0:.0f} s"
-            + (f"; {sum(map(len, stale.values()))} stale outputs or failures in {len(stale)}" if stale else
-               '' if args.update else '; every output is current'))
-        return 1 if stale else 0
     chapters = build_docs(nbs, args.out, execute=args.execute, timeout=args.timeout)
     failed = [c for c in chapters if c.error]
     say(f"wrote {Path(args.out) / 'index.html'} and {len(chapters)} chapter pages in {time.time() - t0:.0f} s"

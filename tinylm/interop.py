@@ -15,12 +15,12 @@ from .bpe import BPETokenizer
 from .model import Transformer
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .cli import CLIParser, command, say
-from .main import InitSource
+from .main import InitSource, InitReader
 
 # %% auto #0
-__all__ = ['HF_EXTRA', 'HF_ACT', 'RMS_EPS', 'ARCHITECTURES', 'main', 'cli', 'InteropError', 'hf_modules', 'architecture',
-           'name_map', 'hf_config', 'to_hf', 'char_tokenizer_json', 'write_tokenizer', 'read_tokenizer', 'export',
-           'make_parser', 'run', 'shape_of', 'tinylm_state', 'read_hf']
+__all__ = ['HF_EXTRA', 'HF_ACT', 'RMS_EPS', 'ARCHITECTURES', 'main', 'cli', 'INIT_READERS', 'InteropError', 'hf_modules',
+           'architecture', 'name_map', 'hf_config', 'to_hf', 'char_tokenizer_json', 'write_tokenizer', 'read_tokenizer',
+           'export', 'make_parser', 'run', 'shape_of', 'tinylm_state', 'read_hf']
 
 # %% ../nbs/15_interop.ipynb #f81743a8
 class InteropError(TinyLMError, ValueError):
@@ -307,3 +307,6 @@ def read_hf(folder) -> InitSource:
     if tok.vocab_size != hf.config.vocab_size:
         raise InteropError(f"{folder}: its tokenizer has {tok.vocab_size} entries and its model {hf.config.vocab_size}")
     return InitSource(str(folder), kind, fields, tinylm_state(state, fields, folder), tok)
+
+INIT_READERS = [InitReader('a Hugging Face model folder (no config.json)',
+                           lambda p: p.is_dir() and (p / 'config.json').exists(), read_hf)]

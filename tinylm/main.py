@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_main.ipynb #1f03e76d
 from __future__ import annotations
-import argparse, hashlib, importlib, random, shutil, signal, sys
+import argparse, hashlib, importlib, random, shutil, signal, sys, typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from .corpus import prepare_corpus, show_progress, corpus_files, CorpusReader
 from .data import split_corpus, WindowDataset, make_dataloaders, DataError
 from .model import Transformer
 from .optim import create_optimizer
-from .device import DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp
+from .device import DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp, compile_model
 from .checkpoint import (CheckpointError, load_checkpoint, check_resumable, find_checkpoints, RunLock,
                                model_from_checkpoint)
 from .trainer import Trainer, Evaluator, Sampler, Checkpointer, GracefulStop
@@ -28,9 +28,9 @@ from .cli import CLIParser, run_command, exit_with, say
 
 # %% auto #0
 __all__ = ['RESUMABLE_FIELDS', 'SHAPE_FIELDS', 'make_parser', 'cli_overrides', 'build_config', 'InitError', 'InitSource',
-           'weights_sha256', 'read_init_source', 'init_config', 'seed_everything', 'standard_hooks', 'load_hook',
-           'prepare_data', 'check_fresh_out_dir', 'clear_run', 'check_vocabulary', 'build_trainer', 'TrainSession',
-           'main', 'cli']
+           'weights_sha256', 'InitReader', 'read_init_source', 'init_config', 'seed_everything', 'standard_hooks',
+           'load_hook', 'prepare_data', 'check_fresh_out_dir', 'clear_run', 'check_vocabulary', 'build_trainer',
+           'TrainSession', 'main', 'cli']
 
 # %% ../nbs/12_main.ipynb #49c9c900
 def make_parser() -> argparse.ArgumentParser:
@@ -137,23 +137,31 @@ def weights_sha256(state: dict) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+class InitReader(typing.NamedTuple):
+    "A kind of `--init-from` source: how errors name it (and what it lacks), how to recognise and to read one."
+    what: str
+    recognises: typing.Callable   # path -> bool
+    read: typing.Callable         # path -> InitSource
+
+_READER_MODULES = ('tinylm.interop',)   # chapters after this one with INIT_READERS: imported when a source is read
+
 def read_init_source(path) -> InitSource:
-    "The weights, shape and tokenizer of a tinylm checkpoint or run folder, or of a local Hugging Face model folder."
+    "The weights, shape and tokenizer of a tinylm checkpoint or run folder, or of a source a later chapter reads."
     p = Path(path).expanduser()
     try:
         if not p.exists(): raise InitError(f"{p} not found")
-        if p.is_dir() and (p / 'config.json').exists():   # a Hugging Face folder: chapter 15 reads it
-            return importlib.import_module('tinylm.interop').read_hf(p)
+        later = [r for m in _READER_MODULES for r in importlib.import_module(m).INIT_READERS]
+        if (known := next((r for r in later if r.recognises(p)), None)): return known.read(p)   # before checkpoints
         if p.is_dir() and not (find_checkpoints(p) or find_checkpoints(p / 'checkpoints')):
-            raise InitError(f"{p} is neither a tinylm run folder (no checkpoint) nor a Hugging Face model folder "
-                            "(no config.json)")
+            raise InitError(f"{p} is neither " + ' nor '.join(['a tinylm run folder (no checkpoint)',
+                                                               *(r.what for r in later)]))
         model, tok, config = model_from_checkpoint(load_checkpoint(p))
     except TinyLMError as e: raise InitError(f"--init-from: {e}") from None
     return InitSource(str(p), 'tinylm', {k: getattr(config, k) for k in SHAPE_FIELDS}, model.state_dict(), tok)
 
 def init_config(config: TrainingConfig, init: InitSource, from_yaml: dict, from_cli: dict) -> TrainingConfig:
     "`config` with the shape and tokenizer of the `init` weights; a setting that disagrees with them is an error."
-    asked, kind = {**from_yaml, **from_cli}, 'char' if isinstance(init.tokenizer, Tokenizer) else 'bpe'
+    asked, kind = {**from_yaml, **from_cli}, init.tokenizer.kind
     for k, v in {**init.fields, 'tokenizer': kind}.items():
         if k in asked and getattr(config, k) != v:
             where = 'on the command line' if k in from_cli else 'in the config file'
@@ -168,12 +176,12 @@ def seed_everything(seed: int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 def standard_hooks(config: TrainingConfig, console: bool = True, signals: bool = True, main_rank: bool = True) -> list:
-    """The hooks of a command-line run. Only the main rank logs, samples and saves; every rank evaluates (the
-    validation loss is averaged across ranks) and handles signals."""
-    hooks = [Evaluator()]
+    """The hooks of a command-line run. Only the main rank logs, samples and writes checkpoints; every rank evaluates
+    (the validation loss is averaged across ranks), handles signals and hands its random states to the checkpoint."""
+    hooks = [Evaluator(), Checkpointer()]
     if signals: hooks.append(GracefulStop())
     if not main_rank: return hooks
-    hooks += [Sampler(), Checkpointer(), JsonlLogger()]
+    hooks += [Sampler(), JsonlLogger()]
     if config.tensorboard:
         tensorboard_writer_class()   # fail now, before any work, if the optional package is missing
         hooks.append(TensorBoardLogger())
@@ -222,9 +230,8 @@ def clear_run(out_dir):
 
 def check_vocabulary(data_path: str, tok: Tokenizer, source: str):
     "Raise `DataError` if the corpus has characters that the character vocabulary `tok` lacks, naming some of them."
-    chars = ''
-    for text in CorpusReader(corpus_files(data_path)).chunks(): chars = Tokenizer.chars_of(text, chars)
-    missing = [c for c in chars if c not in set(tok.chars)]
+    chars = Tokenizer.train(CorpusReader(corpus_files(data_path)).chunks()).chars   # the corpus's, chunk by chunk
+    missing = [c for c in chars if c not in tok.chars]
     if missing:
         shown = ', '.join(f"{c!r} (U+{ord(c):04X})" for c in missing[:8]) + (', ...' if len(missing) > 8 else '')
         raise DataError(f"{data_path} has {len(missing)} character(s) that the vocabulary of {source} "
@@ -253,7 +260,7 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     train_dl, val_dl = make_dataloaders(train_ds, val_ds, config, rank=dist.rank, world_size=dist.world_size,
                                         pin_memory=device.type == 'cuda')
     def wrap(model):   # torch.compile, then DDP; checkpoints always hold the plain module underneath
-        return wrap_ddp(torch.compile(model) if config.compile else model, dist, device)
+        return wrap_ddp(compile_model(model) if config.compile else model, dist, device)
     ranks = dict(rank=dist.rank, world_size=dist.world_size)
     if ckpt is None:
         seed_everything(config.seed)   # the same seed on every rank: identical weights and random streams

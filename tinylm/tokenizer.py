@@ -4,6 +4,9 @@
 
 # %% ../nbs/01_tokenizer.ipynb #050afafd
 from __future__ import annotations
+import hashlib
+from functools import cached_property
+
 import numpy as np
 import torch
 from fastcore.basics import patch
@@ -16,6 +19,23 @@ __all__ = ['TokenizerError', 'Tokenizer']
 # %% ../nbs/01_tokenizer.ipynb #387885ae
 class TokenizerError(TinyLMError, ValueError):
     "Text or ids that the tokenizer cannot handle, or an invalid vocabulary or saved tokenizer state."
+
+# %% ../nbs/01_tokenizer.ipynb #399dcb65
+class _TokenizerBase:
+    "What every tokenizer shares: its fingerprint, equality and (below) its saved state; a kind defines the rest."
+    kind: str = ''           # the kind its saved state names: 'char' or 'bpe'
+    holds_out: bool = False  # trained on a corpus's training part only, which is encoded apart (chapter 3)
+    _state_key: str = ''     # where its saved state keeps `to_str()`
+
+    @cached_property
+    def sha256(self) -> str:
+        "Hex SHA-256 of `to_str()` (UTF-8): the fingerprint of the vocabulary."
+        return hashlib.sha256(self.to_str().encode('utf-8')).hexdigest()
+    def __len__(self): return self.vocab_size
+    def __eq__(self, other):
+        if not isinstance(other, _TokenizerBase): return NotImplemented
+        return self.kind == other.kind and self.to_str() == other.to_str()
+    def __hash__(self): return hash(self.sha256)
 
 # %% ../nbs/01_tokenizer.ipynb #9bb3c53e
 def _codepoints(text: str, offset: int = 0) -> np.ndarray:
@@ -32,9 +52,9 @@ def _describe(c: str) -> str:
     return f"{c!r} (U+{ord(c):04X})"
 
 # %% ../nbs/01_tokenizer.ipynb #82f50d20
-class Tokenizer:
+class Tokenizer(_TokenizerBase):
     "Character-level tokenizer: the id of a character is its index in the sorted, unique string `chars`."
-    kind = 'char'
+    kind, _state_key = 'char', 'chars'
     def __init__(self, chars: str):
         if not isinstance(chars, str):
             raise TokenizerError(f"the vocabulary must be a str of characters, got {type(chars).__name__}")
@@ -64,11 +84,19 @@ class Tokenizer:
         self._ascii_map = bytes(np.maximum(self._ascii, 0).tolist()) + bytes(128)
 
     @classmethod
+    def train(cls, pieces, vocab_size: int | None = None) -> Tokenizer:
+        "The tokenizer of the characters of `pieces` (texts, or one text); its size is theirs: `vocab_size` is ignored."
+        chars = ''
+        for piece in [pieces] if isinstance(pieces, str) else pieces:
+            if not isinstance(piece, str): raise TokenizerError(f"text must be a str, got {type(piece).__name__}")
+            chars = cls.chars_of(piece, chars)
+        if not chars: raise TokenizerError("cannot build a vocabulary from empty text")
+        return cls(chars)
+
+    @classmethod
     def from_text(cls, text: str) -> Tokenizer:
         "The tokenizer whose vocabulary is the sorted set of characters in `text`."
-        if not isinstance(text, str): raise TokenizerError(f"text must be a str, got {type(text).__name__}")
-        if not text: raise TokenizerError("cannot build a vocabulary from empty text")
-        return cls(cls.chars_of(text))
+        return cls.train([text])
 
     @staticmethod
     def chars_of(text: str, known: str = '') -> str:
@@ -87,10 +115,12 @@ class Tokenizer:
     def chars(self) -> str: return self._chars
     @property
     def vocab_size(self) -> int: return len(self._chars)
-    def __len__(self): return len(self._chars)
-    def __eq__(self, other):
-        return self._chars == other._chars if isinstance(other, Tokenizer) else NotImplemented
-    def __hash__(self): return hash(self._chars)
+    def to_str(self) -> str: return self._chars
+    @cached_property
+    def token_bytes(self) -> list[bytes]: return [c.encode('utf-8') for c in self._chars]
+    def safe_cut(self, text: str) -> int:
+        "Where `text` can be cut and its parts encoded apart with the ids of the whole: anywhere, one id per character."
+        return len(text)
     def __repr__(self): return f"Tokenizer(vocab_size={self.vocab_size})"
 
 # %% ../nbs/01_tokenizer.ipynb #3cadb917
@@ -152,18 +182,19 @@ def default_prompt(self: Tokenizer) -> str:
 
 # %% ../nbs/01_tokenizer.ipynb #70c2899d
 @patch
-def state_dict(self: Tokenizer) -> dict:
-    "The tokenizer as plain data: `{'kind': 'char', 'version': 1, 'chars': ...}`."
-    return {'kind': 'char', 'version': 1, 'chars': self._chars}
+def state_dict(self: _TokenizerBase) -> dict:
+    "The tokenizer as plain data: `{'kind': 'char', 'version': 1, 'chars': ...}` for characters."
+    return {'kind': self.kind, 'version': 1, self._state_key: self.to_str()}
 
 @patch(cls_method=True)
-def from_state_dict(cls: Tokenizer, d) -> Tokenizer:
-    "Rebuild a tokenizer saved with `state_dict`, validating it."
+def from_state_dict(cls: _TokenizerBase, d):
+    "Rebuild a tokenizer of this kind saved with `state_dict`, validating it."
     if not isinstance(d, dict):
         raise TokenizerError(f"tokenizer state must be a dict, got {type(d).__name__}")
-    if d.get('kind') != 'char':
-        raise TokenizerError(f"tokenizer state has kind {d.get('kind')!r}, expected 'char' (a character tokenizer)")
+    if d.get('kind') != cls.kind:
+        raise TokenizerError(f"tokenizer state has kind {d.get('kind')!r}, expected {cls.kind!r} (a {cls.__name__})")
     if d.get('version', 1) != 1:
         raise TokenizerError(f"tokenizer state has version {d.get('version')!r}; this tinylm reads version 1 only")
-    if 'chars' not in d: raise TokenizerError("tokenizer state is missing 'chars' (the vocabulary)")
-    return cls(d['chars'])
+    key = cls._state_key
+    if key not in d: raise TokenizerError(f"tokenizer state is missing {key!r} (the vocabulary)")
+    return cls(d[key])

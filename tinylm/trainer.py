@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_trainer.ipynb #7c2f6ee6
 from __future__ import annotations
-import datetime, math, signal, time, uuid
+import datetime, math, time, uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,29 +21,16 @@ from .optim import create_optimizer, lr_at, set_lr
 from .device import (pick_device, autocast, to_device, unwrap_model, fork_rng, mean_over_ranks, machine_kind,
                            grad_scaler)
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError, atomic_save,
-                               atomic_write, capture_rng, restore_rng, load_checkpoint, check_resumable,
-                               model_from_checkpoint, find_checkpoints)
+                               capture_rng, restore_rng, load_checkpoint, check_resumable, model_from_checkpoint,
+                               nonfinite_tensors, scaler_state, EVENTS, Hook, hook_name, Checkpointer, GracefulStop)
+_all_ = ['EVENTS', 'Hook', 'hook_name', 'Checkpointer', 'GracefulStop']   # where they were always imported from
 
 # %% auto #0
-__all__ = ['EVENTS', 'HookFailed', 'Hook', 'hook_name', 'TrainingDiverged', 'Trainer', 'Evaluator', 'Sampler', 'default_hooks',
+__all__ = ['HookFailed', 'TrainingDiverged', 'Trainer', 'Evaluator', 'Sampler', 'default_hooks', 'EVENTS', 'Hook', 'hook_name',
            'Checkpointer', 'GracefulStop']
 
 # %% ../nbs/09_trainer.ipynb #7f733842
 class HookFailed(TinyLMError): "A hook raised in the middle of a run, which was saved first."
-
-EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_sample', 'after_checkpoint', 'after_fit',
-          'teardown')
-
-class Hook:
-    "Base class for trainer hooks: override any of `EVENTS`; lower `order` runs first."
-    order = 50
-    @property
-    def name(self): return type(self).__name__
-    def __repr__(self): return self.name
-
-def hook_name(h) -> str:
-    "A hook's name; hooks need not subclass `Hook`."
-    return getattr(h, 'name', None) or type(h).__name__
 
 # %% ../nbs/09_trainer.ipynb #bb026f38
 class TrainingDiverged(TinyLMError): "The loss became NaN or infinite."
@@ -62,10 +49,9 @@ class Trainer:
         self.lr, self.train_seconds, self.step_seconds, self.max_steps = None, 0.0, 0.0, config.max_steps
         self.last_eval_step = self.last_sample_step = self.last_val_bpb = self.last_val_bpc = None
         self.resumed_from, self.data_sha256, self.init_from, self.status, self.error = None, None, None, 'created', None
-        self.saved_machine = None    # the kind of machine a resumed checkpoint was computed on (None: unrecorded)
         self.scaler = grad_scaler(self.device, config.precision)   # float16 only (chapter 7)
-        self.saved_world_size = None   # the number of processes a resumed checkpoint was computed by
-        self.failed_hook = None
+        # a resumed checkpoint's kind of machine and number of processes (None: unrecorded); a hook that failed
+        self.saved_machine = self.saved_world_size = self.failed_hook = None
         self.stop_requested, self.stop_signal = False, None
         self.train_loader, self.restore_position, self.timer = None, None, None
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
@@ -284,26 +270,9 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None, rng_rank
             'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 @patch
-def nonfinite_tensors(self: Trainer) -> list[str]:
-    "The parameters and optimizer-state tensors holding a NaN or an infinity, by name."
-    bad = [n for n, p in self.raw_model.named_parameters() if not torch.isfinite(p).all()]
-    for i, s in enumerate(self.optimizer.state.values()):
-        bad += [f"optimizer state {i}: {k}" for k, v in s.items()
-                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    return bad
-
-@patch
-def rank_rng_states(self: Trainer) -> list | None:
-    "Every rank's random states, gathered (a collective: every rank calls it at the same step); None for one process."
-    if self.world_size == 1: return None
-    states = [None] * self.world_size
-    torch.distributed.all_gather_object(states, capture_rng())
-    return states
-
-@patch
 def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None, rng_ranks: list | None = None) -> Path:
     "Atomically write a complete checkpoint to `path`; a model that is no longer finite is refused, never saved."
-    bad = self.nonfinite_tensors()
+    bad = nonfinite_tensors(self.raw_model, self.optimizer)
     if bad:
         last = (f"resume from the last good checkpoint ({self.last_checkpoint})" if self.last_checkpoint else
                 "start again (no checkpoint of this run was saved yet)")
@@ -334,12 +303,7 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     trainer.data_sha256, trainer.resumed_from, trainer.last_checkpoint = ckpt.get('data_sha256'), where, Path(where)
     trainer.restore_position = ckpt['sampler']['batches_consumed']
     trainer.saved_machine = ckpt.get('machine')
-    if trainer.scaler is not None:
-        if ckpt.get('scaler') is None:
-            raise CheckpointError(f"{where} was trained in {ckpt['config'].get('precision')} without a loss scale "
-                                  f"(float16 runs of tinylm before 0.3 had none), so it cannot continue as a float16 run "
-                                  f"with one: resume it with --set precision=float32 (or bfloat16)")
-        trainer.scaler.load_state_dict(ckpt['scaler'])
+    if (scale := scaler_state(ckpt, trainer.scaler is not None)) is not None: trainer.scaler.load_state_dict(scale)
     if trainer.restore_position != trainer.data_position:
         raise CheckpointError(f"{where}: its data position ({trainer.restore_position} batches) does not match step "
                               f"{trainer.step} x grad_accum_steps {config.grad_accum_steps}")
@@ -383,47 +347,3 @@ class Sampler(Hook):
 def default_hooks():
     "Hooks a bare Trainer gets: evaluation and sampling on the config's cadences (no files, no printing)."
     return [Evaluator(), Sampler()]
-
-# %% ../nbs/09_trainer.ipynb #baacbfc3
-class Checkpointer(Hook):
-    """Save `<out_dir>/checkpoints/step_NNNNNN.pt` on the cadence and at the end; keep the newest `keep_checkpoints`.
-    With several processes every rank runs it (each hands over its random states) and the main rank writes."""
-    order = 30
-    def __init__(self, folder=None): self.folder = folder
-    def before_fit(self, t):
-        self.dir = Path(self.folder) if self.folder else Path(t.config.out_dir) / 'checkpoints'
-        self.last_saved = t.step if t.resumed_from else None
-    def after_step(self, t):
-        c = t.config.checkpoint_cadence
-        if c and t.step % c == 0: self.save(t)
-    def after_fit(self, t):
-        if t.status in ('completed', 'interrupted') and t.step != self.last_saved and t.step > 0: self.save(t)
-    def save(self, t):
-        ranks = t.rank_rng_states()
-        if not t.is_main: self.last_saved = t.step; return
-        try:
-            path = t.save_checkpoint(self.dir / f'step_{t.step:06d}.pt', rng_ranks=ranks)
-            t.last_checkpoint = path   # complete on disk, even if the pointer below cannot be updated
-            atomic_write(self.dir / 'latest', lambda f: f.write(path.name + '\n'), mode='w')
-        except SaveError as e:
-            good = t.last_checkpoint
-            raise SaveError(f"{e}; " + (f"resume from the last good checkpoint with: tinylm_train --resume {good}"
-                                        if good else "no checkpoint of this run was saved yet")) from None
-        for old in find_checkpoints(self.dir)[:-t.config.keep_checkpoints]:
-            if old != path: old.unlink(missing_ok=True)
-        self.last_saved = t.step
-        t.fire('after_checkpoint')
-
-class GracefulStop(Hook):
-    "SIGINT, SIGTERM and SIGHUP request a stop at the next step boundary instead of killing the process mid-step."
-    order = 0   # first in, and out only at `teardown`: after the final checkpoint and log line are written
-    signals = ('SIGINT', 'SIGTERM', 'SIGHUP')
-    def before_fit(self, t):
-        self.previous = {}
-        for name in self.signals:
-            sig = getattr(signal, name, None)   # Windows has no SIGHUP
-            if sig is None: continue
-            try: self.previous[sig] = signal.signal(sig, lambda signum, frame: t.request_stop(signum))
-            except ValueError: pass    # not the main thread: leave signals alone
-    def teardown(self, t):
-        for sig, handler in self.previous.items(): signal.signal(sig, handler)
