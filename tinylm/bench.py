@@ -60,10 +60,12 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
                       mfu=res['training']['model_gflops'] / (ceiling * devices))
     log("tinylm_bench: tokenizer...")
     text = load_text(config.data_path)
-    res['tokenizer'] = {'corpus': tokenizer_throughput(text)}
+    kind = config.tokenizer if config.tokenizer in ('char', 'bpe') else 'bpe'   # a tokenizer.json is a BPE too
+    res['tokenizer'] = {'corpus': tokenizer_throughput(text, kind=kind, vocab_size=config.bpe_vocab_size)}
     if big_corpus_mb:
         big = big_corpus(text, big_corpus_mb)
-        res['tokenizer']['big'] = tokenizer_throughput(big, reps=3)
+        res['tokenizer']['big'] = tokenizer_throughput(big, reps=3 if kind == 'char' else 1, kind=kind,
+                                                       vocab_size=config.bpe_vocab_size)
         del big
     res['memory']['process_peak_rss_mb'] = peak_memory(dev).get('peak_rss_mb')
     if startup:
@@ -116,9 +118,10 @@ def format_report(r: dict) -> str:
         f"{mem['process_peak_rss_mb']:,.0f} MB whole run" if mem.get('process_peak_rss_mb') else '',
         f"CUDA {mem['cuda_max_allocated_mb']:,.0f} MB allocated" if 'cuda_max_allocated_mb' in mem else '') if x)))
     for k, v in r['tokenizer'].items():
-        rows.append((f"tokenizer ({v['mb']:,.1f} MB)",
+        what = {'char': 'characters', 'bpe': f"BPE {v.get('vocab_size', '')}"}[v.get('kind', 'char')]
+        rows.append((f"tokenizer: {what} ({v['mb']:,.1f} MB)",
                      f"encode {v['encode_first_mb_s']:,.0f} MB/s first, {v['encode_mb_s']:,.0f} "
-                     f"repeated | build vocab {v['build_first_mb_s']:,.0f} MB/s first, "
+                     f"repeated | train {v['build_first_mb_s']:,.0f} MB/s first, "
                                                       f"{v['build_mb_s']:,.0f} repeated"))
     ck, rs = r['checkpoint'], r['resume']
     rows += [('checkpoint', f"save {_ms(ck['save_s'])} | load {_ms(ck['load_s'])} | rebuild trainer "

@@ -112,7 +112,13 @@ class BPETokenizer(_TokenizerBase):
         except FileNotFoundError: raise TokenizerError(f"tokenizer file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise TokenizerError(f"cannot read tokenizer file {p}: {e}") from None
-        return cls(text, str(p))
+        tok = cls(text, str(p))
+        if not tok.byte_level:   # refused now, not found out at the first sample or evaluation
+            model, dec = type(tok._tok.model).__name__, tok._tok.decoder
+            raise TokenizerError(f"{p} is a {model} tokenizer with {type(dec).__name__ + ' decoding' if dec else 'no decoder'}"
+                                 "; tinylm needs a byte-level BPE (a ByteLevel decoder), whose ids turn back into the "
+                                 "exact bytes of any text: train one with --set tokenizer=bpe")
+        return tok
 
     def to_str(self) -> str: return self.json
     def safe_cut(self, text: str) -> int:

@@ -11,6 +11,7 @@ import torch
 
 from .config import TrainingConfig, TinyLMError
 from .tokenizer import Tokenizer
+from .bpe import tokenizer_class
 from .corpus import load_text
 from .data import make_dataloaders
 from .device import unwrap_model, DistInfo
@@ -136,17 +137,17 @@ def big_corpus(text: str, mb: float = 100.0) -> str:
     reps = max(1, math.ceil(mb * 1e6 / nbytes))
     return (text * reps)[:max(1, int(len(text) * mb * 1e6 / nbytes))]
 
-def tokenizer_throughput(text: str, reps: int = 3) -> dict:
-    "MB/s of `Tokenizer.from_text(text)` and `tok.encode(text)`: the first call, and the median of the repeats."
+def tokenizer_throughput(text: str, reps: int = 3, kind: str = 'char', vocab_size: int | None = None) -> dict:
+    "MB/s of training a `kind` tokenizer on `text` and of encoding it: the first call, and the median of the repeats."
     if reps < 1: raise ValueError(f"need reps >= 1, got {reps}")
-    mb = len(text.encode('utf-8')) / 1e6
+    mb, cls = len(text.encode('utf-8')) / 1e6, tokenizer_class(kind)
     build, enc = [], []
     for _ in range(reps):
-        t0 = time.perf_counter(); tok = Tokenizer.from_text(text); build.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); tok = cls.train(text, vocab_size); build.append(time.perf_counter() - t0)
         t0 = time.perf_counter(); ids = tok.encode(text); enc.append(time.perf_counter() - t0)
         del ids
     b, e = statistics.median(build[1:] or build), statistics.median(enc[1:] or enc)
-    return dict(mb=mb, vocab_size=tok.vocab_size, reps=reps, build_first_s=build[0], encode_first_s=enc[0],
+    return dict(mb=mb, kind=kind, vocab_size=tok.vocab_size, reps=reps, build_first_s=build[0], encode_first_s=enc[0],
                 build_s=b, encode_s=e, build_first_mb_s=mb / build[0], encode_first_mb_s=mb / enc[0],
                 build_mb_s=mb / b, encode_mb_s=mb / e)
 
