@@ -56,7 +56,8 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
     key = str(amp).replace('torch.', '') if amp is not None else 'float32'
     ceiling = res['ceiling'][key]['best_gflops']
     devices = res['training']['world_size']   # each process measured its own device's ceiling
-    res['mfu'] = dict(ceiling=key, ceiling_gflops=ceiling, devices=devices, model_gflops=res['training']['model_gflops'],
+    res['mfu'] = dict(ceiling=key, ceiling_gflops=ceiling, devices=devices,
+                      model_gflops=res['training']['model_gflops'],
                       mfu=res['training']['model_gflops'] / (ceiling * devices))
     log("tinylm_bench: tokenizer...")
     text = load_text(config.data_path)

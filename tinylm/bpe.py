@@ -115,7 +115,8 @@ class BPETokenizer(_TokenizerBase):
         tok = cls(text, str(p))
         if not tok.byte_level:   # refused now, not found out at the first sample or evaluation
             model, dec = type(tok._tok.model).__name__, tok._tok.decoder
-            raise TokenizerError(f"{p} is a {model} tokenizer with {type(dec).__name__ + ' decoding' if dec else 'no decoder'}"
+            decoding = f"{type(dec).__name__} decoding" if dec else 'no decoder'
+            raise TokenizerError(f"{p} is a {model} tokenizer with {decoding}"
                                  "; tinylm needs a byte-level BPE (a ByteLevel decoder), whose ids turn back into the "
                                  "exact bytes of any text: train one with --set tokenizer=bpe")
         return tok

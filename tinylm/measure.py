@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from .config import TrainingConfig, TinyLMError
-from .tokenizer import Tokenizer
 from .bpe import tokenizer_class
 from .corpus import load_text
 from .data import make_dataloaders
@@ -94,7 +93,8 @@ def time_training(trainer: Trainer, train_dl, steps: int = 50, warmup: int = 10)
     fpt = unwrap_model(trainer.model).flops_per_token()
     return dict(**{f'step_{k}': v for k, v in s.items()}, first_step_s=first, warmup_steps=len(warm) + 1,
                 compile_s=max(first - s['median_s'], 0.0) if trainer.config.compile else None,
-                tokens_per_step=tokens, world_size=trainer.world_size, tokens_per_s=tps, flops_per_token=fpt, model_gflops=tps * fpt / 1e9,
+                tokens_per_step=tokens, world_size=trainer.world_size, tokens_per_s=tps, flops_per_token=fpt,
+                model_gflops=tps * fpt / 1e9,
                 final_loss=float(trainer.last_loss))
 
 # %% ../nbs/17_measure.ipynb #90114886

@@ -101,12 +101,14 @@ def check_book(nbs='nbs', timeout: int = 600, update: bool = False, log=print, o
 
 # %% ../nbs/21_outputs.ipynb #a8cdc061
 def make_parser() -> argparse.ArgumentParser:
-    p = CLIParser(prog='tinylm_outputs', description="Execute every notebook and compare each output with the committed "
-                  "one (or write the new outputs with --update).",
+    p = CLIParser(prog='tinylm_outputs', description="Execute every notebook and compare each output with the "
+                  "committed one (or write the new outputs with --update).",
                   epilog='Examples, from the repository root:  tinylm_outputs  |  tinylm_outputs --update 07_device')
-    p.add_argument('notebooks', nargs='*', metavar='NOTEBOOK', help='only these notebooks (names, with or without .ipynb)')
+    p.add_argument('notebooks', nargs='*', metavar='NOTEBOOK',
+                   help='only these notebooks (names, with or without .ipynb)')
     p.add_argument('--nbs', default='nbs', metavar='DIR', help='folder of notebooks (default: ./nbs)')
-    p.add_argument('--update', action='store_true', help='write the new outputs into the notebooks (then run nbdev_clean)')
+    p.add_argument('--update', action='store_true',
+                   help='write the new outputs into the notebooks (then run nbdev_clean)')
     p.add_argument('--timeout', type=int, default=600, metavar='S', help='seconds one cell may run (default: 600)')
     return p
 
