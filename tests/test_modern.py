@@ -134,7 +134,8 @@ def test_a_checkpoint_of_tinylm_0_1_0_resumes_exactly(tmp_path):
     start = events(read_jsonl(run / 'train.jsonl'), 'run_start')[0]
     if same_kind(start['machine'], recorded['machine']):
         assert got == want, f"tinylm 0.1.0's Muon run does not continue bit for bit on its own kind of machine"
-    else: assert all(abs(got[k] - want[k]) <= 1e-3 * want[k] for k in want), (got, want)
+    else:   # measured held to AVX2 (ATen and oneDNN): at most 7.8e-6 relative over steps 7..12; 1e-4 leaves room
+        assert all(abs(got[k] - want[k]) <= 1e-4 * want[k] for k in want), (got, want)
     assert start['muon_ns_dtype'] == 'bfloat16' and 'muon_ns_dtype_saved' not in start
     assert start['machine_saved'] is None and 'another kind of machine (unknown' in p.stdout   # 0.1.0 recorded none
 
