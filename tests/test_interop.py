@@ -227,6 +227,7 @@ def test_without_the_extra_training_works_and_hf_folders_name_the_extra(src, tmp
     assert not (tmp_path / 'hf2').exists()
 
 
+@pytest.mark.slow   # torchrun: the slow set
 def test_init_from_under_torchrun_matches_one_process(src, tmp_path, corpus):
     "Two processes started from an exported folder train what one process trains, and log the source once."
     from test_distributed import TINY, torchrun, single
