@@ -14,7 +14,7 @@ from .cli import CLIParser, command, say, print_error
 # %% auto #0
 __all__ = ['main', 'cli', 'DocsError', 'find_notebooks', 'split_directives', 'prepare_notebook', 'notebook_info',
            'execute_notebook', 'Chapter', 'page_name', 'inline_md', 'render_page', 'site_info', 'index_page',
-           'build_docs', 'make_parser', 'run']
+           'build_docs', 'make_parser', 'book_folder', 'run']
 
 # %% ../nbs/20_docs.ipynb #04e21f30
 class DocsError(TinyLMError): "The docs cannot be built: no notebooks folder, no notebooks, missing tools."
@@ -288,13 +288,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--timeout', type=int, default=600, metavar='S', help='seconds one cell may run (default: 600)')
     return p
 
-def run(args) -> int:
+def book_folder(args, prog: str) -> Path:
+    "The `--nbs` folder of a command that executes the book, after checking it and `--timeout`."
     nbs = Path(args.nbs)
     if not nbs.is_dir():
-        raise DocsError(f"notebooks folder not found: {nbs.resolve()} — run tinylm_docs from the repository root, "
+        raise DocsError(f"notebooks folder not found: {nbs.resolve()} — run {prog} from the repository root, "
                         "or pass --nbs DIR")
     if args.timeout <= 0: raise DocsError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    t0 = time.time()
+    return nbs
+
+def run(args) -> int:
+    nbs, t0 = book_folder(args, 'tinylm_docs'), time.time()
     chapters = build_docs(nbs, args.out, execute=args.execute, timeout=args.timeout)
     failed = [c for c in chapters if c.error]
     say(f"wrote {Path(args.out) / 'index.html'} and {len(chapters)} chapter pages in {time.time() - t0:.0f} s"

@@ -8,7 +8,8 @@ import argparse, re, time
 from pathlib import Path
 
 from .cli import CLIParser, command, say, print_error
-from .docs import DocsError, find_notebooks, split_directives, prepare_notebook, execute_notebook, _first_line, _false
+from .docs import (DocsError, find_notebooks, split_directives, prepare_notebook, execute_notebook, book_folder,
+                         _first_line, _false)
 
 # %% auto #0
 __all__ = ['NUMBER_RTOL', 'main', 'cli', 'output_texts', 'same_output', 'stale_outputs', 'check_book', 'make_parser', 'run']
@@ -48,8 +49,10 @@ def _snippet(texts: list[str], other: list[str]) -> str:
     "The first line of `texts` that differs from `other`'s, briefly."
     a, b = '\n'.join(texts).splitlines(), '\n'.join(other).splitlines()
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if not same_output(x, y)), min(len(a), len(b)))
-    line = a[i] if i < len(a) else '(nothing)'
-    return repr(line if len(line) <= 100 else line[:97] + '...')
+    line, other_line = (a[i] if i < len(a) else '(nothing)'), (b[i] if i < len(b) else '')
+    at = next((j for j, (x, y) in enumerate(zip(line, other_line)) if x != y), min(len(line), len(other_line)))
+    start = max(0, min(at - 40, len(line) - 97))   # a long line is shown where it differs
+    return repr(('...' if start else '') + line[start:start + 97] + ('...' if len(line) > start + 97 else ''))
 
 def stale_outputs(committed, executed) -> list[str]:
     "Where the executed copy of a notebook prints something else than its committed outputs, one line per cell."
@@ -113,12 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 def run(args) -> int:
-    nbs = Path(args.nbs)
-    if not nbs.is_dir():
-        raise DocsError(f"notebooks folder not found: {nbs.resolve()} — run tinylm_outputs from the repository root, "
-                        "or pass --nbs DIR")
-    if args.timeout <= 0: raise DocsError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    t0 = time.time()
+    nbs, t0 = book_folder(args, 'tinylm_outputs'), time.time()
     stale = check_book(nbs, args.timeout, update=args.update, only=args.notebooks)
     for name, problems in stale.items():
         for problem in problems: print_error(f"{nbs / name}: {problem}")
