@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainingConfig, ConfigError, load_config
-from .corpus import load_text
+from .corpus import load_text, atomic_write
 from .device import unwrap_model, autocast_dtype
 from .main import cli_overrides
 from .cli import CLIParser, command, say
@@ -207,7 +207,7 @@ def run(args) -> int:
                     big_corpus_mb=0 if args.skip_big_corpus else args.big_corpus_mb,
                     startup=not args.skip_startup, matmul_n=args.matmul_n, prepare_mb=args.prepare_mb, log=log)
     say(format_report(res))
-    if args.json: Path(args.json).write_text(json.dumps(res, indent=2) + '\n', encoding='utf-8')
+    if args.json: atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=2) + '\n'), mode='w')
     return 0
 
 main, cli = command(make_parser, run)

@@ -4,24 +4,26 @@
 
 # %% ../nbs/08_checkpoint.ipynb #3522373f
 from __future__ import annotations
-import os, random, re, secrets, signal, sys
+import os, random, re, signal, sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import TrainingConfig, TinyLMError, os_error_cause
+from .corpus import SaveError, atomic_write
 from .bpe import tokenizer_from_state
 from .model import Transformer
 
 try: import fcntl          # POSIX: advisory file locks
 except ImportError: fcntl = None
+_all_ = ['SaveError', 'atomic_write']   # where they were always imported from
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'RESUMABLE_SINCE', 'EVENTS', 'capture_rng', 'restore_rng', 'SaveError',
-           'atomic_write', 'atomic_save', 'CheckpointError', 'find_checkpoints', 'resolve_checkpoint',
-           'load_checkpoint', 'scaler_state', 'check_resumable', 'model_from_checkpoint', 'RunBusy', 'RunLock', 'Hook',
-           'hook_name', 'nonfinite_tensors', 'gather_rng', 'Checkpointer', 'GracefulStop']
+__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'RESUMABLE_SINCE', 'EVENTS', 'capture_rng', 'restore_rng', 'atomic_save',
+           'CheckpointError', 'find_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'scaler_state',
+           'check_resumable', 'model_from_checkpoint', 'RunBusy', 'RunLock', 'Hook', 'hook_name', 'nonfinite_tensors',
+           'gather_rng', 'Checkpointer', 'GracefulStop', 'SaveError', 'atomic_write']
 
 # %% ../nbs/08_checkpoint.ipynb #69ef230e
 def capture_rng() -> dict:
@@ -45,47 +47,6 @@ def restore_rng(s: dict):
     if s.get('cuda') and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 # %% ../nbs/08_checkpoint.ipynb #2d58d7a2
-class SaveError(TinyLMError):
-    "A file (checkpoint, pointer, plot) could not be written: the message names the file and the cause."
-
-class _Guarded:
-    "A file object that remembers the first `OSError` of a write (torch.save turns it into an opaque RuntimeError)."
-    def __init__(self, f): self.f, self.error = f, None
-    def write(self, b):
-        try: return self.f.write(b)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-    def __getattr__(self, name): return getattr(self.f, name)
-
-def _fsync_dir(d: Path):
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass   # some file systems (and Windows) cannot fsync a directory
-
-def atomic_write(path, write_fn, mode='wb') -> Path:
-    "Call `write_fn(file)` on a temporary file next to `path`, fsync, then atomically rename it onto `path`."
-    path, tmp, g = Path(path), None, None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f'.{path.name}.{secrets.token_hex(4)}.tmp')
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)  # umask applies
-        with os.fdopen(fd, mode) as f:
-            g = _Guarded(f)
-            write_fn(g); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            try: os.unlink(tmp)
-            except OSError: pass
-        cause = g.error if g is not None and g.error is not None else e
-        if isinstance(cause, OSError): raise SaveError(f"cannot write {path}: {os_error_cause(cause)}") from None
-        raise
-    _fsync_dir(path.parent)
-    return path
-
 def atomic_save(obj, path) -> Path:
     "`torch.save(obj)` to `path` through `atomic_write`."
     return atomic_write(path, lambda f: torch.save(obj, f))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_corpus.ipynb #d8148c99
 from __future__ import annotations
-import hashlib, json, mmap, os, shutil, sys, time
+import hashlib, json, mmap, os, re, secrets, shutil, socket, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +15,9 @@ from .tokenizer import Tokenizer, TokenizerError
 from .bpe import tokenizer_class, iter_pieces, text_pieces, safe_end, SAMPLE_CHARS
 
 # %% auto #0
-__all__ = ['DEFAULT_CORPUS', 'CHUNK_BYTES', 'DataError', 'corpus_files', 'CorpusReader', 'load_text', 'text_sha256', 'cache_dir',
-           'cache_min_bytes', 'Corpus', 'train_chars', 'prepare_corpus', 'show_progress']
+__all__ = ['DEFAULT_CORPUS', 'CHUNK_BYTES', 'DataError', 'corpus_files', 'CorpusReader', 'load_text', 'text_sha256', 'SaveError',
+           'temp_name', 'atomic_write', 'cache_dir', 'cache_min_bytes', 'Corpus', 'train_chars', 'prepare_corpus',
+           'show_progress']
 
 # %% ../nbs/03_corpus.ipynb #0aa79663
 class DataError(TinyLMError, ValueError):
@@ -101,6 +102,52 @@ def text_sha256(text: str) -> str:
     "Hex SHA-256 of the UTF-8 encoding of `text`: a fingerprint of the corpus."
     return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
+# %% ../nbs/03_corpus.ipynb #ba059c80
+class SaveError(TinyLMError):
+    "A file (checkpoint, pointer, plot, token file) could not be written: the message names the file and the cause."
+    def __init__(self, msg: str, cause: OSError | None = None): super().__init__(msg); self.cause = cause
+
+class _Guarded:
+    "A file object that remembers the first `OSError` of a write (torch.save turns it into an opaque RuntimeError)."
+    def __init__(self, f): self.f, self.error = f, None
+    def write(self, b):
+        try: return self.f.write(b)
+        except OSError as e: self.error = self.error or e; raise
+    def __getattr__(self, name): return getattr(self.f, name)
+
+def temp_name(path) -> Path:
+    "A temporary name next to `path`, unique across hosts and processes: host, pid and 64 random bits."
+    path, host = Path(path), re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname())[:32] or 'host'
+    return path.with_name(f'.{path.name}.{host}-{os.getpid()}-{secrets.token_hex(8)}.tmp')
+
+def _fsync_dir(d: Path):
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass   # some file systems (and Windows) cannot fsync a directory
+
+def atomic_write(path, write_fn, mode: str = 'wb', drop_cache: bool = False) -> Path:
+    """Call `write_fn(file)` on a temporary file next to `path`, fsync, then atomically rename it onto `path`.
+    Text modes write UTF-8; `drop_cache` also evicts the written pages from the page cache."""
+    path, tmp, g = Path(path), None, None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)  # umask applies
+        with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
+            g = _Guarded(f)
+            write_fn(g); f.flush(); os.fsync(f.fileno())
+            if drop_cache and hasattr(os, 'posix_fadvise'): os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None: tmp.unlink(missing_ok=True)
+        cause = g.error if g is not None and g.error is not None else e
+        if isinstance(cause, OSError): raise SaveError(f"cannot write {path}: {os_error_cause(cause)}", cause) from None
+        raise
+    _fsync_dir(path.parent)
+    return path
+
 # %% ../nbs/03_corpus.ipynb #38f5413b
 def cache_dir() -> Path:
     "Where prepared corpora go: `$TINYLM_CACHE_DIR`, else `$XDG_CACHE_HOME/tinylm`, else `~/.cache/tinylm`."
@@ -140,11 +187,7 @@ def _read_json(path: Path):
     try: return json.loads(path.read_text(encoding='utf-8'))
     except (OSError, ValueError): return None
 
-def _write_text(path: Path, text: str):
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, path)
-
+def _write_text(path: Path, text: str): atomic_write(path, lambda f: f.write(text), mode='w')
 def _write_json(path: Path, obj): _write_text(path, json.dumps(obj))
 
 def _vocab_key(tok) -> str: return tok.sha256[:16]
@@ -169,7 +212,7 @@ def _write_ids(reader: CorpusReader, tok, cut: int | None, path: Path, progress,
     def write(f):
         def put(text, offset):
             ids = _encode(tok, text, offset, source)
-            ids.tofile(f)
+            f.write(ids.tobytes())
             state['tokens'] += len(ids)
         carry, carry_at = '', 0
         for chunk in reader.chunks(sha256=False):   # pass 1 has the fingerprint
@@ -183,23 +226,8 @@ def _write_ids(reader: CorpusReader, tok, cut: int | None, path: Path, progress,
             progress(reader.bytes_read)
         put(carry, carry_at)
         if cut is not None and state['split_at'] is None: state['split_at'] = state['tokens']
-    _write_file(path, write)
+    atomic_write(path, write, drop_cache=True)      # on disk, and out of the page cache: see below
     _finish_ids(path, tok, state['tokens'], state['split_at'])
-
-def _write_file(path: Path, write):
-    "`write(f)` into a temporary file, forced to disk and out of the page cache, then renamed to `path`."
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with tmp.open('wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())                 # on disk before it gets its final name
-            if hasattr(os, 'posix_fadvise'):     # and out of the page cache: see below
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 def _finish_ids(path: Path, tok, count: int, split_at: int | None = None):
     "The sidecar that makes a token file usable, written last: dtype, token count, vocabulary, split."
@@ -275,10 +303,10 @@ def prepare_corpus(path=None, tokenizer=None, progress=None, kind: str = 'char',
         if ids is None:
             _write_ids(reader, tok, cut, ids_path, show(f"tokenizing {source}", reader.n_bytes), source)
             ids = _open_ids(ids_path, tok)
-    except OSError as e:
-        raise DataError(f"cannot prepare {source} in the cache {entry.parent}: {os_error_cause(e)} (the token file "
-                        f"needs about {reader.n_bytes / 2**20:,.0f} MB; set TINYLM_CACHE_DIR to a folder with "
-                        "room)") from None
+    except (OSError, SaveError) as e:
+        cause = os_error_cause(e.cause if isinstance(e, SaveError) else e)
+        raise DataError(f"cannot prepare {source} in the cache {entry.parent}: {cause} (the token file needs about "
+                        f"{reader.n_bytes / 2**20:,.0f} MB; set TINYLM_CACHE_DIR to a folder with room)") from None
     return Corpus(ids, tok, meta['sha256'], source, ids_path, split_at=_split_meta(ids_path))
 
 # %% ../nbs/03_corpus.ipynb #47ef7be9
@@ -314,11 +342,8 @@ def show_progress(description: str, total: int, file=None):
         return update
     t0, shown = time.perf_counter(), [0]
     def update(done):
-        tenth = 10 * done // max(total, 1)
-        if tenth > shown[0]:
-            shown[0] = tenth
-            secs = time.perf_counter() - t0
-            rate = done / 2**20 / max(secs, 1e-9)
+        if (tenth := 10 * done // max(total, 1)) > shown[0]:
+            shown[0], rate = tenth, done / 2**20 / max(time.perf_counter() - t0, 1e-9)
             print(f"{description}: {done / total:.0%} of {total / 2**20:,.0f} MB ({rate:,.0f} MB/s)",
                   file=file, flush=True)
     return update

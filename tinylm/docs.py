@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TinyLMError
+from .corpus import atomic_write
 from .cli import CLIParser, command, say, print_error
 
 # %% auto #0
@@ -250,6 +251,8 @@ footer{{color:#888;font-size:.85em;margin-top:2em}}
 """
 
 # %% ../nbs/20_docs.ipynb #3ae37b4e
+def _write(path: Path, text: str): atomic_write(path, lambda f: f.write(text), mode='w')
+
 def build_docs(nbs='nbs', out='_docs', execute: bool = True, timeout: int = 600, log=print) -> list[Chapter]:
     "Execute (unless `execute=False`) and render every notebook of `nbs` into `out`, plus `out/index.html`."
     nbs, out = Path(nbs), Path(out)
@@ -271,10 +274,10 @@ def build_docs(nbs='nbs', out='_docs', execute: bool = True, timeout: int = 600,
         t0 = time.time()
         nb = prepare_notebook(books[c.path]) if c.path in books else nbformat.v4.new_notebook()
         if execute and c.path in books: c.error = execute_notebook(nb, nbs.resolve(), timeout)
-        (out / c.page).write_text(render_page(nb, c, chapters, site_info(nbs)[0]), encoding='utf-8')
+        _write(out / c.page, render_page(nb, c, chapters, site_info(nbs)[0]))
         log(f"[{i}/{len(chapters)}] {c.path.name} -> {out / c.page} ({time.time() - t0:.1f} s)"
             + (' FAILED' if c.error else ''))
-    (out / 'index.html').write_text(index_page(chapters, *site_info(nbs)), encoding='utf-8')
+    _write(out / 'index.html', index_page(chapters, *site_info(nbs)))
     return chapters
 
 # %% ../nbs/20_docs.ipynb #caa0fcc9

@@ -4,13 +4,14 @@
 
 # %% ../nbs/15_interop.ipynb #5902b954
 from __future__ import annotations
-import argparse, json, secrets, shutil
+import argparse, json, shutil
 from pathlib import Path
 
 import torch
 
 from .config import TinyLMError, TrainingConfig, brief, os_error_cause
 from .tokenizer import Tokenizer
+from .corpus import temp_name
 from .bpe import BPETokenizer
 from .model import Transformer
 from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -184,7 +185,7 @@ def export(model: Transformer, tok, out_dir, overwrite: bool = False) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InteropError(f"{out} is not empty; pick another folder, or pass --overwrite to replace it")
     hf = to_hf(model)
-    tmp = out.with_name(f'.{out.name}.{secrets.token_hex(4)}.tmp')
+    tmp = temp_name(out)
     try:
         hf.save_pretrained(tmp)
         transformers.GenerationConfig(max_length=model.block_size, do_sample=True, temperature=0.8, top_k=None,

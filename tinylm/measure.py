@@ -11,7 +11,7 @@ import torch
 
 from .config import TrainingConfig, TinyLMError
 from .bpe import tokenizer_class
-from .corpus import load_text
+from .corpus import load_text, atomic_write
 from .data import make_dataloaders
 from .device import unwrap_model, DistInfo
 from .optim import muon_params, orthogonalize, muon_ns_dtype, bf16_matmul_is_native
@@ -234,10 +234,11 @@ def write_corpus(path, mb: float, text: str | None = None) -> Path:
     if not mb > 0: raise ValueError(f"corpus size must be > 0 MB, got {mb}")
     piece = (text or load_text()).encode('utf-8')
     left = int(mb * 1e6)
-    with open(path, 'wb') as f:
-        while left > 0:
-            f.write(piece[:left]); left -= len(piece)
-    return Path(path)
+    def write(f):
+        n = left
+        while n > 0:
+            f.write(piece[:n]); n -= len(piece)
+    return atomic_write(path, write)
 
 _PREPARE = ("import json, sys, time; from tinylm.corpus import prepare_corpus; from tinylm.loggers import peak_rss_mb\n"
             "t0 = time.perf_counter()\n"

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from .config import TinyLMError, brief
-from .checkpoint import atomic_write
+from .corpus import atomic_write
 from .loggers import read_log
 from .cli import CLIParser, command, say
 
