@@ -45,7 +45,7 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
         res['checkpoint'] = checkpoint_times(trainer, d)
         res['resume'] = resume_times(trainer, train_dl, d)
     log("tinylm_bench: matmul ceiling...")
-    amp = autocast_dtype(dev, config.precision)   # the dtype the matmuls of training run in (None: fp32)
+    amp = autocast_dtype(dev, trainer.precision)   # the dtype the matmuls of training run in (None: fp32)
     res['ceiling'] = {'float32': matmul_ceiling(matmul_n, device=dev)}
     emulated = not res['machine']['bf16_matmul_native']   # emulated bf16 is ~80x slower: a smaller product says as much
     for dt in [torch.bfloat16] + ([amp] if amp is not None else []):

@@ -54,7 +54,7 @@ def atomic_save(obj, path) -> Path:
 # %% ../nbs/08_checkpoint.ipynb #020923ef
 class CheckpointError(TinyLMError, ValueError): "A checkpoint that cannot be used: missing, corrupt, foreign, too new."
 
-CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'tinylm-checkpoint', 3
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'tinylm-checkpoint', 4
 RESUMABLE_SINCE = 2   # versions from this one on continue exactly (see above)
 _REQUIRED = ('step', 'config', 'model', 'optimizer', 'tokenizer', 'rng', 'sampler', 'run_id')
 _STEP_RE = re.compile(r'^step_(\d+)\.pt$')

@@ -130,7 +130,7 @@ class TrainingConfig:
     keep_checkpoints: int = 3
     # -- hardware and extras
     device: str = 'auto'             # auto | cpu | cuda | cuda:N | mps
-    precision: str = 'auto'          # auto | float32 | bfloat16 | float16 (autocast dtype on accelerators)
+    precision: str = 'auto'          # auto (measured on a CPU, chapter 7) | float32 | bfloat16 | float16 (autocast)
     compile: bool = False            # torch.compile the model
     threads: int = 0                 # torch intra-op threads; 0 = torch's default
     progress: str = 'auto'           # auto | bar | plain | none (console progress display)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_device.ipynb #707a113e
 from __future__ import annotations
-import datetime, os
+import datetime, os, statistics, time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -13,12 +13,14 @@ import torch.nn as nn
 import torch.distributed as dist
 
 from .config import TinyLMError
+from .optim import bf16_matmul_is_native, _agreed_dtype
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
-__all__ = ['DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'grad_scaler', 'onednn_isa', 'machine_kind',
-           'describe_kind', 'to_device', 'unwrap_model', 'fork_rng', 'compile_model', 'DistInfo', 'dist_env',
-           'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks']
+__all__ = ['PRECISION_MIN_SPEEDUP', 'DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'grad_scaler', 'onednn_isa',
+           'machine_kind', 'describe_kind', 'to_device', 'unwrap_model', 'fork_rng', 'time_precisions',
+           'choose_precision', 'resumed_precision', 'compile_model', 'DistInfo', 'dist_env', 'init_distributed',
+           'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks', 'agree_on_stop']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -41,7 +43,7 @@ def pick_device(name: str = 'auto') -> torch.device:
     return torch.device(name)
 
 def autocast_dtype(device: torch.device, precision: str = 'auto'):
-    "The autocast dtype for `precision` on `device`, or None for plain fp32."
+    "The autocast dtype for `precision` on `device`, or None for plain fp32 (`auto` unmeasured: bfloat16 on CUDA only)."
     if precision == 'float32': return None
     if precision == 'auto': return torch.bfloat16 if device.type == 'cuda' else None
     return {'bfloat16': torch.bfloat16, 'float16': torch.float16}[precision]
@@ -116,6 +118,50 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def fork_rng(device: torch.device):
     "A context that restores the global random state (CPU, and `device` if CUDA) when it exits."
     return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [])
+
+# %% ../nbs/07_device.ipynb #40bfa56a
+PRECISION_MIN_SPEEDUP = 1.25  # bfloat16 must be this much faster than float32 to be chosen: less is noise
+
+def time_precisions(model: nn.Module, batch_size: int, block_size: int, device, rounds: int = 2) -> dict:
+    """Median milliseconds of one forward and backward of `model` on a `(batch_size, block_size)` batch in float32 and
+    under bfloat16 autocast, alternating after a warm-up round; the random state and the gradients are kept."""
+    device = torch.device(device)
+    x = (torch.arange(batch_size * block_size, device=device) % model.vocab_size).view(batch_size, block_size)
+    def step(precision):
+        t0 = time.perf_counter()
+        with autocast(device, precision): _, loss = model(x, x)
+        loss.backward()
+        return time.perf_counter() - t0
+    times, grads = {'float32': [], 'bfloat16': []}, [p.grad for p in model.parameters()]
+    with fork_rng(device):                 # dropout draws: the run's random stream must not move
+        for i in range(rounds + 1):
+            for name in times: times[name].append(step(name))
+    for p, g in zip(model.parameters(), grads): p.grad = g
+    return {k: round(statistics.median(v[1:]) * 1000, 3) for k, v in times.items()}
+
+def choose_precision(setting: str, model: nn.Module, batch_size: int, block_size: int, device) -> tuple[str, dict]:
+    """The precision a run computes in, and what decided it: `setting`, or for 'auto' bfloat16 on CUDA, and on a CPU
+    bfloat16 only where its matmuls are native and a measured step is `PRECISION_MIN_SPEEDUP` times faster."""
+    device = torch.device(device)
+    if setting != 'auto': return setting, {'decided_by': 'config'}
+    if device.type != 'cpu': return ('bfloat16' if device.type == 'cuda' else 'float32'), {'decided_by': 'device'}
+    probe = {'decided_by': 'measurement', 'bf16_native': bf16_matmul_is_native(device)}
+    if probe['bf16_native']:
+        ms = time_precisions(model, batch_size, block_size, device)
+        probe.update(float32_ms=ms['float32'], bfloat16_ms=ms['bfloat16'],
+                     speedup=round(ms['float32'] / ms['bfloat16'], 3))
+    fast = probe.get('speedup', 0) >= PRECISION_MIN_SPEEDUP
+    agreed = _agreed_dtype(torch.bfloat16 if fast else torch.float32, device) == torch.bfloat16
+    return ('bfloat16' if agreed else 'float32'), probe
+
+def resumed_precision(ckpt: dict, setting: str, device) -> tuple[str | None, dict | None]:
+    """The precision a run resumed from `ckpt` keeps for `auto`: the saved choice on the same kind of machine (other
+    numbers would follow from another), the old rule for a file from before `auto` measured; `(None, None)`: decide."""
+    device = torch.device(device)
+    if setting != 'auto': return None, None
+    if 'precision' not in ckpt: return ('bfloat16' if autocast_dtype(device) else 'float32'), {'decided_by': 'old rule'}
+    if ckpt.get('machine') != machine_kind(device): return None, None
+    return ckpt['precision'], {**(ckpt.get('precision_probe') or {}), 'decided_by': 'checkpoint'}
 
 # %% ../nbs/07_device.ipynb #a45ac81a
 def compile_model(model: nn.Module) -> nn.Module:
@@ -193,3 +239,10 @@ def mean_over_ranks(t: torch.Tensor, world_size: int) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= world_size
     return t
+
+# %% ../nbs/07_device.ipynb #e4207d2b
+def agree_on_stop(signal: int, device: torch.device) -> int:
+    "The largest `signal` of all the processes (0: no rank was asked to stop), the same on every rank."
+    flag = torch.tensor([int(signal)], dtype=torch.int64, device=device if device.type == 'cuda' else 'cpu')
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())

@@ -84,6 +84,10 @@ class ConsoleLogger(Hook):
         self.say(f"tinylm: {start}{run} | {t.raw_model.num_params():,} parameters | device {t.device} | "
                  f"steps {t.step + 1}..{t.max_steps}")
         self.say(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
+        if t.precision == 'bfloat16' and (p := t.precision_probe or {}).get('decided_by') == 'measurement':
+            fast = f" ({p['speedup']:.2f}x)" if self.volatile else ''
+            self.say(f"precision auto: bfloat16, measured faster than float32 for this model{fast}; --set "
+                     "precision=float32 to choose")
         changed = resume_changes(t)
         if 'machine_saved' in changed:
             self.say(f"note: the checkpoint was computed on another kind of machine "
@@ -188,7 +192,7 @@ class JsonlLogger(Hook):
                    device=str(t.device), torch_version=str(torch.__version__), world_size=t.world_size,
                    max_steps=t.max_steps, tokens_per_step=t.tokens_per_step, threads=torch.get_num_threads(),
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_kind(t.device),
-                   **resume_changes(t),
+                   precision=t.precision, precision_probe=t.precision_probe, **resume_changes(t),
                    optimizer=getattr(t.optimizer, 'impl', type(t.optimizer).__name__),
                    **getattr(t.optimizer, 'run_facts', {}),
                    **({'log_repaired': repaired} if repaired else {}))

@@ -13,7 +13,7 @@ from .config import TrainingConfig, TinyLMError
 from .bpe import tokenizer_class
 from .corpus import load_text, atomic_write
 from .data import make_dataloaders
-from .device import unwrap_model, DistInfo
+from .device import unwrap_model, DistInfo, time_precisions, machine_kind, describe_kind, PRECISION_MIN_SPEEDUP
 from .optim import muon_params, orthogonalize, muon_ns_dtype, bf16_matmul_is_native
 from .checkpoint import load_checkpoint, capture_rng, restore_rng
 from .trainer import Trainer
@@ -21,9 +21,10 @@ from .loggers import read_log, peak_rss_mb
 from .main import build_trainer
 
 # %% auto #0
-__all__ = ['PHASES', 'sync', 'stats', 'Stopwatch', 'matmul_ceiling', 'setup', 'run_steps', 'time_training', 'step_breakdown',
-           'peak_memory', 'big_corpus', 'tokenizer_throughput', 'checkpoint_times', 'resume_times', 'train_command',
-           'startup_time', 'write_corpus', 'prepare_times', 'cpu_flags', 'machine_info', 'newton_schulz_times']
+__all__ = ['PHASES', 'CROSSOVER_WIDTHS', 'sync', 'stats', 'Stopwatch', 'matmul_ceiling', 'setup', 'run_steps', 'time_training',
+           'step_breakdown', 'peak_memory', 'big_corpus', 'tokenizer_throughput', 'checkpoint_times', 'resume_times',
+           'train_command', 'startup_time', 'write_corpus', 'prepare_times', 'cpu_flags', 'machine_info',
+           'newton_schulz_times', 'precision_crossover']
 
 # %% ../nbs/17_measure.ipynb #f03e32dd
 def sync(device) -> None:
@@ -307,3 +308,21 @@ def newton_schulz_times(model, config: TrainingConfig, reps: int = 5) -> dict:
                 for x in stacks: orthogonalize(x, config.muon_ns_steps, config.muon_ns_coefficients, dtype)
         res[f"{str(dtype).replace('torch.', '')}_ms"] = stats(sw.times[1:])['median_s'] * 1e3   # the first warms up
     return res
+
+# %% ../nbs/17_measure.ipynb #83308124
+CROSSOVER_WIDTHS = (64, 128, 256, 384, 512)
+
+def precision_crossover(widths=CROSSOVER_WIDTHS, contexts=(64, 256), n_layer: int = 4, batch_size: int = 8,
+                        rounds: int = 2) -> dict:
+    "Milliseconds of one step in float32 and in bfloat16 for models of each width and context: where `auto` switches."
+    from tinylm.model import Transformer
+    rows = []
+    for ctx in contexts:
+        for w in widths:
+            torch.manual_seed(0)
+            m = Transformer(65, TrainingConfig(n_layer=n_layer, n_head=max(1, w // 64), n_embd=w, block_size=ctx))
+            ms = time_precisions(m, batch_size, ctx, 'cpu', rounds)
+            rows.append(dict(n_embd=w, block_size=ctx, params=m.num_params(), float32_ms=ms['float32'],
+                             bfloat16_ms=ms['bfloat16'], speedup=round(ms['float32'] / ms['bfloat16'], 3)))
+    return dict(machine=describe_kind(machine_kind()), bf16_native=bf16_matmul_is_native(), n_layer=n_layer,
+                batch_size=batch_size, threshold=PRECISION_MIN_SPEEDUP, rows=rows)

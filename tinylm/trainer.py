@@ -19,7 +19,7 @@ from .tokenizer import Tokenizer
 from .bpe import TextCounts
 from .optim import create_optimizer, lr_at, set_lr
 from .device import (pick_device, autocast, to_device, unwrap_model, fork_rng, mean_over_ranks, machine_kind,
-                           grad_scaler)
+                           grad_scaler, choose_precision, resumed_precision, agree_on_stop)
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError, atomic_save,
                                capture_rng, restore_rng, load_checkpoint, check_resumable, model_from_checkpoint,
                                nonfinite_tensors, scaler_state, EVENTS, Hook, hook_name, Checkpointer, GracefulStop)
@@ -52,8 +52,8 @@ class Trainer:
         self.scaler = grad_scaler(self.device, config.precision)   # float16 only (chapter 7)
         # a resumed checkpoint's kind of machine and number of processes (None: unrecorded); a hook that failed
         self.saved_machine = self.saved_world_size = self.failed_hook = None
-        self.stop_requested, self.stop_signal = False, None
-        self.train_loader, self.restore_position, self.timer = None, None, None
+        self._precision = self.precision_probe = None   # `precision`, decided on first use
+        self.stop_requested, self.stop_signal, self.train_loader, self.restore_position, self.timer = False, *[None] * 4
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
 
     @property
@@ -62,6 +62,12 @@ class Trainer:
     def is_main(self) -> bool: return self.rank == 0
     @property
     def data_position(self) -> int: return self.step * self.config.grad_accum_steps
+    @property
+    def precision(self) -> str:
+        "What the steps compute in: `config.precision`, with `auto` decided once for this model and machine (ch. 7)."
+        if self._precision is None: self._precision, self.precision_probe = choose_precision(
+            self.config.precision, self.raw_model, self.config.batch_size, self.config.block_size, self.device)
+        return self._precision
 
     def phase(self, name: str):
         "A context around one part of a step (`data`, `forward`, `backward`, `optimizer`), timed when `timer` is set."
@@ -99,7 +105,7 @@ def training_step(self: Trainer, batch):
         with self.phase('data'): x, y = to_device(x, self.device), to_device(y, self.device)
         sync = self.model.no_sync() if i < len(micro) - 1 and hasattr(self.model, 'no_sync') else nullcontext()
         with sync:
-            with self.phase('forward'), autocast(self.device, self.config.precision): _, loss = self.model(x, y)
+            with self.phase('forward'), autocast(self.device, self.precision): _, loss = self.model(x, y)
             with self.phase('backward'):
                 part = loss / len(micro)
                 (part if self.scaler is None else self.scaler.scale(part)).backward()
@@ -139,7 +145,7 @@ def evaluate(self: Trainer, n_batches: int | None = None) -> float:
             for i, (x, y) in enumerate(self.val_dataloader):
                 if n_batches is not None and i >= n_batches: break
                 if len(x) == 0: continue   # a rank's share of a short last batch can be empty
-                with autocast(self.device, self.config.precision):
+                with autocast(self.device, self.precision):
                     _, loss = self.model(to_device(x, self.device), to_device(y, self.device))
                 sums += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=self.device)])
                 if counts is not None: counts.add(y)
@@ -194,6 +200,7 @@ def begin(self: Trainer, train_loader=None, max_steps: int | None = None):
     "Start a run: put `train_loader` at the trainer's data position, then fire `before_fit`."
     self.max_steps = self.config.max_steps if max_steps is None else max_steps
     if train_loader is not None: self._place_loader(train_loader)
+    self.precision                 # decided (on a CPU, measured) before the clock starts and the run is recorded
     self.status, self.t_start, self.start_step = 'running', time.time(), self.step
     self.fire('before_fit')
     return self
@@ -240,15 +247,11 @@ def _save_after_hook_failure(self: Trainer, e: BaseException):
 
 @patch
 def _should_stop(self: Trainer) -> bool:
-    "Stop now? With several processes, all ranks agree (all-reduce max of the requesting signal number)."
-    if self.world_size > 1:
-        flag = torch.tensor([int(self.stop_signal or (1 if self.stop_requested else 0))], dtype=torch.int64,
-                            device=self.device if self.device.type == 'cuda' else 'cpu')
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        agreed = int(flag.item())
-        if agreed and not self.stop_requested: self.request_stop(agreed if agreed > 1 else None)
-        return bool(agreed)   # the agreed answer, never the local flag: a signal may land after the all-reduce
-    return self.stop_requested
+    "Stop now? With several processes, all ranks agree (chapter 7): the agreed answer, never the local flag."
+    if self.world_size == 1: return self.stop_requested
+    agreed = agree_on_stop(self.stop_signal or (1 if self.stop_requested else 0), self.device)
+    if agreed and not self.stop_requested: self.request_stop(agreed if agreed > 1 else None)
+    return bool(agreed)
 
 # %% ../nbs/09_trainer.ipynb #94f2830b
 @patch
@@ -264,7 +267,7 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None, rng_rank
             'last_val_loss': None if self.last_val_loss is None else float(self.last_val_loss),
             'data_sha256': self.data_sha256, 'world_size': self.world_size, 'init_from': self.init_from,
             'torch_version': str(torch.__version__), 'tinylm_version': str(tinylm.__version__),
-            'machine': machine_kind(self.device),
+            'machine': machine_kind(self.device), 'precision': self.precision, 'precision_probe': self.precision_probe,
             'scaler': None if self.scaler is None else self.scaler.state_dict(),
             **({'rng_ranks': rng_ranks} if rng_ranks is not None else {}),
             'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
@@ -302,14 +305,14 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     trainer.last_val_loss = ckpt.get('last_val_loss')
     trainer.data_sha256, trainer.resumed_from, trainer.last_checkpoint = ckpt.get('data_sha256'), where, Path(where)
     trainer.restore_position = ckpt['sampler']['batches_consumed']
-    trainer.saved_machine = ckpt.get('machine')
+    trainer.saved_machine, trainer.saved_world_size = ckpt.get('machine'), int(ckpt.get('world_size') or 1)
+    trainer._precision, trainer.precision_probe = resumed_precision(ckpt, config.precision, device)
     if (scale := scaler_state(ckpt, trainer.scaler is not None)) is not None: trainer.scaler.load_state_dict(scale)
     if trainer.restore_position != trainer.data_position:
         raise CheckpointError(f"{where}: its data position ({trainer.restore_position} batches) does not match step "
                               f"{trainer.step} x grad_accum_steps {config.grad_accum_steps}")
     if train_dataloader is not None: trainer._place_loader(train_dataloader)
     ranks = ckpt.get('rng_ranks')
-    trainer.saved_world_size = int(ckpt.get('world_size') or 1)
     restore_rng(ranks[rank] if ranks is not None and len(ranks) == world_size else ckpt['rng'])
     return trainer
 
@@ -329,12 +332,10 @@ class Sampler(Hook):
     def before_fit(self, t):   # what sampling needs is checked before step 1, not found missing at step 20
         if not t.config.sample_length or t.tokenizer is None: return
         p = t.tokenizer.default_prompt
-        ids = t.tokenizer.encode(p)
-        if len(ids) == 0:
+        if len(ids := t.tokenizer.encode(p)) == 0:
             raise TinyLMError(f"the tokenizer encodes the sampling prompt {p!r} to no tokens, so no sample could "
                               "start: use a tokenizer that covers it, or turn sampling off with --set sample_length=0")
-        back = t.tokenizer.decode(ids)
-        if back != p:
+        if (back := t.tokenizer.decode(ids)) != p:
             raise TinyLMError(f"the tokenizer does not give the sampling prompt {p!r} back (it decodes to {back!r}): "
                               "its samples would not be the text it was given; use a byte-level BPE or characters")
     def after_step(self, t):
