@@ -35,7 +35,7 @@ def test_bpe_run_logs_its_tokenizer_and_bits_per_byte(bpe_run):
     start = events(recs, 'run_start')[0]
     assert (start['tokenizer']['kind'], start['tokenizer']['vocab_size'], start['vocab_size']) == ('bpe', 300, 300)
     ck = torch.load(out / 'checkpoints' / 'step_000012.pt', weights_only=True)     # plain data
-    assert ck['version'] == 3 and ck['tokenizer']['kind'] == 'bpe'
+    assert ck['version'] == 4 and ck['tokenizer']['kind'] == 'bpe'
     from tinylm.bpe import BPETokenizer
     assert BPETokenizer.from_state_dict(ck['tokenizer']).sha256 == start['tokenizer']['sha256']
     for ev in events(recs, 'eval'):

@@ -13,7 +13,8 @@ STEPS, SAVE_AT = 8, 4
 
 
 def bf16_pays(monkeypatch, pays: bool):
-    "Pretend this CPU has native bfloat16 and that a step measures 1.5x faster in it (or 1.5x slower)."
+    "Pretend this CPU has native bfloat16 and that a step (of any size) measures 1.5x faster in it (or 1.5x slower)."
+    monkeypatch.setattr(device, 'PRECISION_MIN_GFLOP', 0.0)
     monkeypatch.setattr(device, 'bf16_matmul_is_native', lambda d='cpu': True)
     ms = {'float32': 30.0, 'bfloat16': 20.0} if pays else {'float32': 20.0, 'bfloat16': 30.0}
     monkeypatch.setattr(device, 'time_precisions', lambda *a, **k: ms)
@@ -51,6 +52,14 @@ def test_auto_is_measured_recorded_and_kept_by_a_resume(monkeypatch, corpus, tmp
     f32 = train(tmp_path / 'f32', corpus, STEPS, '--set', 'precision=float32')[0]
     assert f32[0]['precision'] == 'float32' and f32[0]['precision_probe'] == {'decided_by': 'config'}
     assert losses(f32) != want
+
+
+def test_a_small_model_is_float32_without_a_measurement(monkeypatch, corpus, tmp_path):
+    "Below 8 GFLOP a step: float32, decided by the size alone, however the machine would measure (no noise)."
+    bf16_pays(monkeypatch, True)
+    monkeypatch.setattr(device, 'PRECISION_MIN_GFLOP', 8.0)
+    start = train(tmp_path / 'small', corpus, 2)[0][0]
+    assert start['precision'] == 'float32' and start['precision_probe']['decided_by'] == 'size'
 
 
 def test_slower_bf16_is_not_chosen_and_an_old_checkpoint_keeps_the_old_rule(monkeypatch, corpus, tmp_path):

@@ -72,7 +72,7 @@ def test_checkpoints_are_plain_clean_data(ref_run, corpus):
         keys = list(ck['model'])
         assert keys and not [k for k in keys if k.startswith(('module.', '_orig_mod.'))], keys
         assert isinstance(ck['optimizer']['state'], dict) and ck['optimizer']['state'], "optimizer state missing"
-        assert ck['version'] == 3 and ck['sampler'] == {'batches_consumed': step}   # grad_accum_steps 1
+        assert ck['version'] == 4 and ck['sampler'] == {'batches_consumed': step}   # grad_accum_steps 1
         # values logged and values saved are the same floats, bit for bit
         assert ck['last_val_loss'] == evals[step]['val_loss']
         assert ck['best_val_loss'] == evals[step]['best_val_loss']

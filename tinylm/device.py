@@ -17,10 +17,10 @@ from .optim import bf16_matmul_is_native, _agreed_dtype
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
-__all__ = ['PRECISION_MIN_SPEEDUP', 'DeviceError', 'pick_device', 'autocast_dtype', 'autocast', 'grad_scaler', 'onednn_isa',
-           'machine_kind', 'describe_kind', 'to_device', 'unwrap_model', 'fork_rng', 'time_precisions',
-           'choose_precision', 'resumed_precision', 'compile_model', 'DistInfo', 'dist_env', 'init_distributed',
-           'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks', 'agree_on_stop']
+__all__ = ['PRECISION_MIN_SPEEDUP', 'PRECISION_MIN_GFLOP', 'DeviceError', 'pick_device', 'autocast_dtype', 'autocast',
+           'grad_scaler', 'onednn_isa', 'machine_kind', 'describe_kind', 'to_device', 'unwrap_model', 'fork_rng',
+           'time_precisions', 'choose_precision', 'resumed_precision', 'compile_model', 'DistInfo', 'dist_env',
+           'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks', 'agree_on_stop']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -121,6 +121,7 @@ def fork_rng(device: torch.device):
 
 # %% ../nbs/07_device.ipynb #40bfa56a
 PRECISION_MIN_SPEEDUP = 1.25  # bfloat16 must be this much faster than float32 to be chosen: less is noise
+PRECISION_MIN_GFLOP = 8.0     # smaller steps (6 x parameters x tokens) never gain: float32, nothing measured
 
 def time_precisions(model: nn.Module, batch_size: int, block_size: int, device, rounds: int = 2) -> dict:
     """Median milliseconds of one forward and backward of `model` on a `(batch_size, block_size)` batch in float32 and
@@ -141,12 +142,15 @@ def time_precisions(model: nn.Module, batch_size: int, block_size: int, device, 
 
 def choose_precision(setting: str, model: nn.Module, batch_size: int, block_size: int, device) -> tuple[str, dict]:
     """The precision a run computes in, and what decided it: `setting`, or for 'auto' bfloat16 on CUDA, and on a CPU
-    bfloat16 only where its matmuls are native and a measured step is `PRECISION_MIN_SPEEDUP` times faster."""
+    bfloat16 only where its matmuls are native and a step, if not too small to gain, measures `PRECISION_MIN_SPEEDUP`
+    times faster."""
     device = torch.device(device)
     if setting != 'auto': return setting, {'decided_by': 'config'}
     if device.type != 'cpu': return ('bfloat16' if device.type == 'cuda' else 'float32'), {'decided_by': 'device'}
     probe = {'decided_by': 'measurement', 'bf16_native': bf16_matmul_is_native(device)}
-    if probe['bf16_native']:
+    gflop = 6 * sum(p.numel() for p in model.parameters()) * batch_size * block_size / 1e9
+    if gflop < PRECISION_MIN_GFLOP: probe = {'decided_by': 'size', 'step_gflop': round(gflop, 3)}
+    elif probe['bf16_native']:
         ms = time_precisions(model, batch_size, block_size, device)
         probe.update(float32_ms=ms['float32'], bfloat16_ms=ms['bfloat16'],
                      speedup=round(ms['float32'] / ms['bfloat16'], 3))
