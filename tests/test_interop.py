@@ -81,8 +81,16 @@ def test_export_loads_in_transformers_with_the_same_logits_ids_and_greedy_text(t
     code, text, err = in_process(sample, '--checkpoint', run, '--top-k', 1, '--prompt', prompt, '--max-new-tokens', 20,
                                  '--device', 'cpu')
     assert code == 0, err
-    out = hf.generate(**auto(prompt, return_tensors='pt'), do_sample=False, max_new_tokens=20)
+    out = hf.generate(**auto(prompt, return_tensors='pt'), do_sample=False, max_new_tokens=20, use_cache=True)
     assert auto.decode(out[0]) + '\n' == text and len(text) > len(prompt) + 5
+    assert_cached_greedy_is_plain_greedy(model, tok)
+
+
+def assert_cached_greedy_is_plain_greedy(model, tok):
+    "The KV-cache engine's greedy tokens are the plain loop's, within the context and three contexts beyond it."
+    ids = torch.as_tensor(tok.encode(TEXT[:20]), dtype=torch.long)[None]
+    n = 3 * model.block_size
+    assert torch.equal(model.generate(ids, n, top_k=1), model.generate(ids, n, top_k=1, cache=False))
 
 
 @pytest.fixture(scope='module')
@@ -155,6 +163,7 @@ def test_round_trip_from_a_gpt2_folder_gives_back_its_logits(tmp_path, corpus):
     exported = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     ids = torch.randint(0, original.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(): assert (original(ids).logits - exported(ids).logits).abs().max().item() < 1e-4
+    assert_cached_greedy_is_plain_greedy(*load_model(tmp_path / 'tuned', 'cpu')[:2])
 
 
 def test_bad_sources_are_one_error_line_and_nothing_is_written(tmp_path, corpus):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_bench.ipynb #ff95cd16
 from __future__ import annotations
-import argparse, json, math, sys, tempfile
+import argparse, json, math, statistics, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -16,15 +16,99 @@ from .main import cli_overrides
 from .cli import CLIParser, command, say
 from .measure import (setup, time_training, step_breakdown, peak_memory, matmul_ceiling, tokenizer_throughput,
                             big_corpus, checkpoint_times, resume_times, startup_time, prepare_times, machine_info,
-                            newton_schulz_times)
+                            newton_schulz_times, Stopwatch)
+from .model import Transformer, KVCache
+from .optim import bf16_matmul_is_native
 
 # %% auto #0
-__all__ = ['main', 'cli', 'benchmark', 'format_report', 'make_parser', 'bench_config', 'run']
+__all__ = ['GPT2_SHAPE', 'main', 'cli', 'memory_bandwidth', 'decode_bytes', 'generation_times', 'decode_vs_context',
+           'generation_bench', 'benchmark', 'format_report', 'make_parser', 'bench_config', 'run']
+
+# %% ../nbs/19_bench.ipynb #eecfb3d9
+def memory_bandwidth(mb: int = 256, reps: int = 5, device='cpu') -> float:
+    "GB/s of a large copy (bytes read plus bytes written), best of `reps`: what a memory-bound step can reach."
+    a = torch.ones(mb * 2**20 // 4, device=device)
+    b, sw = torch.empty_like(a), Stopwatch(device)
+    for _ in range(reps):
+        with sw: b.copy_(a)
+    return 2 * a.numel() * a.element_size() / min(sw.times) / 1e9
+
+def decode_bytes(model: Transformer, context: float) -> int:
+    "Bytes one decoding step reads: every parameter once, and the keys and values of `context` cached positions."
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_position = 2 * model.config.n_layer * model.config.n_embd * next(model.parameters()).element_size()
+    return int(weights + per_position * min(context, model.block_size))
+
+def _prompt(model, n: int): return (torch.arange(n, device=next(model.parameters()).device) % model.vocab_size)[None]
+
+@torch.no_grad()
+def generation_times(model: Transformer, prompt_len: int = 64, new_tokens: int = 256, cache: bool = True,
+                     bandwidth: float | None = None, keep: int | None = None) -> dict:
+    """Prefill and decode speed of `model`: `prompt_len` tokens prefilled alone, then `new_tokens` generated after
+    them (by the KV cache, or the plain loop); the decode's bytes per token, and its MBU against `bandwidth` GB/s."""
+    model.eval()
+    ids, dev = _prompt(model, prompt_len), next(model.parameters()).device
+    sw = Stopwatch(dev)
+    with sw: model(ids[:, -model.block_size:], cache=KVCache(len(model.blocks), model.block_size))
+    g, times = torch.Generator(device=dev).manual_seed(0), []
+    tokens = (model.stream(ids, new_tokens, generator=g, keep=keep) if cache else
+              model.stream_uncached(ids, new_tokens, generator=g))
+    t = time.perf_counter()
+    for _ in tokens:
+        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        now = time.perf_counter(); times.append(now - t); t = now
+    decode = times[1:] or times
+    res = dict(prompt_len=prompt_len, new_tokens=new_tokens, cache=cache, keep=keep, prefill_s=sw.times[0],
+               prefill_tok_s=min(prompt_len, model.block_size) / sw.times[0], tok_s=new_tokens / sum(times),
+               decode_tok_s=len(decode) / sum(decode), decode_ms_median=statistics.median(decode) * 1e3)
+    if cache:
+        res['bytes_per_token'] = decode_bytes(model, prompt_len + new_tokens / 2)
+        res['decode_gb_s'] = res['bytes_per_token'] * res['decode_tok_s'] / 1e9
+        res['mbu'] = res['decode_gb_s'] / bandwidth if bandwidth else None
+    return res
+
+@torch.no_grad()
+def decode_vs_context(model: Transformer, contexts, tokens: int = 4) -> list[dict]:
+    "Milliseconds per new token at each context length: the plain loop (one whole forward) and the cache (one step)."
+    model.eval()
+    rows, dev = [], next(model.parameters()).device
+    for n in contexts:
+        ids, plain, cached = _prompt(model, n), Stopwatch(dev), Stopwatch(dev)
+        for _ in range(tokens):
+            with plain: model(ids)
+        kv = KVCache(len(model.blocks), model.block_size)
+        model(ids[:, :n - tokens], cache=kv)
+        for t in range(n - tokens, n):
+            with cached: model(ids[:, t:t + 1], cache=kv)
+        rows.append(dict(context=n, plain_ms=statistics.median(plain.times) * 1e3,
+                         cache_ms=statistics.median(cached.times) * 1e3))
+    return rows
+
+GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)   # GPT-2 small, 124M
+
+def generation_bench(model: Transformer, new_tokens: int = 64, gpt2: bool = True, log=print) -> dict:
+    """Generation speed: `model` by the KV cache and by the plain loop, 64-token prompt (cropped to its context);
+    with `gpt2`, a random GPT-2-small shape by the cache in float32, and with bfloat16 weights where that is native."""
+    dev = next(model.parameters()).device
+    res = dict(bandwidth_gb_s=memory_bandwidth(device=dev), new_tokens=new_tokens)
+    was = model.training
+    res['model'] = generation_times(model, 64, new_tokens, bandwidth=res['bandwidth_gb_s'])
+    res['model_plain'] = generation_times(model, 64, new_tokens, cache=False)
+    model.train(was)
+    if gpt2:
+        log("tinylm_bench: generation at the GPT-2 small shape (124M parameters, random weights)...")
+        shape = dict(GPT2_SHAPE)
+        big = Transformer(shape.pop('vocab_size'), TrainingConfig(**shape)).to(dev)
+        res['gpt2'] = generation_times(big, 64, new_tokens, bandwidth=res['bandwidth_gb_s'])
+        if bf16_matmul_is_native(dev):
+            res['gpt2_bf16'] = generation_times(big.to(torch.bfloat16), 64, new_tokens, bandwidth=res['bandwidth_gb_s'])
+        del big
+    return res
 
 # %% ../nbs/19_bench.ipynb #2f0bce88
 def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdown_steps: int = 30,
               big_corpus_mb: float = 100.0, startup: bool = True, matmul_n: int | None = None,
-              prepare_mb: float = 0, log=print) -> dict:
+              prepare_mb: float = 0, generation: str = 'all', generation_tokens: int = 64, log=print) -> dict:
     "Run every measurement for `config`; returns a JSON-ready dict (see the table in `format_report`)."
     log(f"tinylm_bench: building the model ({'compiled' if config.compile else 'eager'})...")
     trainer, train_dl = setup(config)
@@ -68,6 +152,9 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
         res['tokenizer']['big'] = tokenizer_throughput(big, reps=3 if kind == 'char' else 1, kind=kind,
                                                        vocab_size=config.bpe_vocab_size)
         del big
+    if generation != 'none':
+        log("tinylm_bench: generation (prefill and decode, KV cache and plain loop)...")
+        res['generation'] = generation_bench(model, generation_tokens, generation == 'all', log)
     res['memory']['process_peak_rss_mb'] = peak_memory(dev).get('peak_rss_mb')
     if startup:
         log("tinylm_bench: start-up of tinylm_train (a subprocess)...")
@@ -80,6 +167,18 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
 
 # %% ../nbs/19_bench.ipynb #4a20449c
 def _ms(s): return f"{s * 1e3:,.1f} ms"
+
+def _generation_rows(g: dict) -> list:
+    "Report rows of `generation_bench`: prefill and decode speed, MBU, and the plain loop's speed beside the cache's."
+    def row(x, plain=None):
+        vs = f" | plain loop {plain['tok_s']:,.1f} tok/s, {x['tok_s'] / plain['tok_s']:.1f}x slower" if plain else ''
+        return (f"prefill {x['prefill_tok_s']:,.0f} tok/s | decode {x['decode_tok_s']:,.1f} tok/s "
+                f"({x['decode_ms_median']:,.1f} ms/token, {x['bytes_per_token'] / 1e6:,.0f} MB read per token, MBU "
+                f"{x['mbu'] * 100:.0f}% of {g['bandwidth_gb_s']:,.0f} GB/s){vs}")
+    rows = [(f"generation (this model, {g['new_tokens']} tokens)", row(g['model'], g['model_plain']))]
+    if 'gpt2' in g: rows.append(('generation (GPT-2 124M shape)', row(g['gpt2'])))
+    if 'gpt2_bf16' in g: rows.append(('  bfloat16 weights', row(g['gpt2_bf16'])))
+    return rows
 
 def format_report(r: dict) -> str:
     "The benchmark result `r` as a readable table."
@@ -124,6 +223,7 @@ def format_report(r: dict) -> str:
                      f"encode {v['encode_first_mb_s']:,.0f} MB/s first, {v['encode_mb_s']:,.0f} "
                      f"repeated | train {v['build_first_mb_s']:,.0f} MB/s first, "
                                                       f"{v['build_mb_s']:,.0f} repeated"))
+    if 'generation' in r: rows += _generation_rows(r['generation'])
     ck, rs = r['checkpoint'], r['resume']
     rows += [('checkpoint', f"save {_ms(ck['save_s'])} | load {_ms(ck['load_s'])} | rebuild trainer "
                             f"{_ms(ck['restore_s'])} | {ck['size_mb']:.1f} MB"),
@@ -172,6 +272,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help='matrix size for the ceiling (default 2048 on CPU, 8192 on CUDA)')
     p.add_argument('--prepare-mb', '--prepare_mb', dest='prepare_mb', type=float, default=0, metavar='MB',
                    help='also prepare a generated corpus of MB megabytes and time a run on it (needs ~2x MB of disk)')
+    p.add_argument('--generation', choices=('all', 'model', 'none'), default='all',
+                   help='time text generation: this model and a GPT-2-small shape (all, the default), this model '
+                        'only, or none')
+    p.add_argument('--generation-tokens', '--generation_tokens', dest='generation_tokens', type=int, default=64,
+                   metavar='N', help='tokens generated per generation measurement (default 64)')
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON to PATH')
     p.add_argument('--quiet', action='store_true', help='no progress lines, only the table')
     return p
@@ -187,7 +292,7 @@ def bench_config(args) -> TrainingConfig:
     return base.with_overrides(**ov)
 
 def _check_args(args):
-    for name, lo in (('steps', 1), ('warmup', 0), ('breakdown_steps', 1)):
+    for name, lo in (('steps', 1), ('warmup', 0), ('breakdown_steps', 1), ('generation_tokens', 2)):
         v = getattr(args, name)
         if v < lo: raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     if not (args.big_corpus_mb > 0 and math.isfinite(args.big_corpus_mb)):
@@ -205,7 +310,8 @@ def run(args) -> int:
     log = (lambda *a: None) if args.quiet else (lambda msg: say(msg, sys.stderr))
     res = benchmark(config, steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
                     big_corpus_mb=0 if args.skip_big_corpus else args.big_corpus_mb,
-                    startup=not args.skip_startup, matmul_n=args.matmul_n, prepare_mb=args.prepare_mb, log=log)
+                    startup=not args.skip_startup, matmul_n=args.matmul_n, prepare_mb=args.prepare_mb,
+                    generation=args.generation, generation_tokens=args.generation_tokens, log=log)
     say(format_report(res))
     if args.json: atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=2) + '\n'), mode='w')
     return 0

@@ -13,7 +13,7 @@ from .config import TinyLMError
 
 # %% auto #0
 __all__ = ['ModelError', 'rope_tables', 'apply_rope', 'CausalSelfAttention', 'ReLUSquared', 'MLP', 'make_norm', 'Block',
-           'Transformer', 'check_sampling_args']
+           'Transformer', 'check_sampling_args', 'KVCache']
 
 # %% ../nbs/05_model.ipynb #0f494319
 class ModelError(TinyLMError, ValueError):
@@ -27,11 +27,12 @@ def rope_tables(block_size: int, head_size: int, base: float = 10000.0):
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
 
-def apply_rope(x, cos, sin):
-    "Rotate the channel pairs (i, i + d/2) of `x` (B, T, ..., d) by the angles of each position (dimension 1)."
+def apply_rope(x, cos, sin, start: int = 0):
+    "Rotate the channel pairs (i, i + d/2) of `x` (B, T, ..., d) by the angles of positions `start`, `start + 1`, ..."
     x1, x2 = x.chunk(2, dim=-1)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (-1,)   # broadcast over batch and heads
-    c, s_ = cos[:x.shape[1]].view(shape), sin[:x.shape[1]].view(shape)
+    end = start + x.shape[1]
+    c, s_ = cos[start:end].view(shape), sin[start:end].view(shape)
     return torch.cat([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1)
 
 # %% ../nbs/05_model.ipynb #e12288bb
@@ -52,18 +53,25 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer: int = 0):
+        "`x` (B, T, C); with a `cache` (generation, below), its positions follow the `cache.pos` cached ones."
         B, T, C = x.shape
-        hs = C // self.n_head
+        hs, start = C // self.n_head, 0 if cache is None else cache.pos
         # (B, T, 3 * n_head, head_size): the heads of q, then of k, then of v; split (not indexed: see below)
         qk, v = self.c_attn(x).view(B, T, 3 * self.n_head, hs).split([2 * self.n_head, self.n_head], dim=2)
         if self.qk_norm: qk = F.rms_norm(qk, (hs,))
-        if self.rope: qk = apply_rope(qk, self.rope_cos, self.rope_sin)
+        if self.rope: qk = apply_rope(qk, self.rope_cos, self.rope_sin, start)
         q, k = qk.split(self.n_head, dim=2)
         # (B, T, n_head, head_size) -> (B, n_head, T, head_size): heads become a batch dimension for the kernel
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+        if start:   # decoding: one new position attends to every cached one and itself, so no mask
+            if T != 1: raise ModelError(f"a filled cache continues one position at a time, got {T}")
+            k, v = cache.append(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:       # training, evaluation, and a prefill (which also keeps its keys and values)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+            if cache is not None: cache.append(layer, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # put the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -101,8 +109,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 # %% ../nbs/05_model.ipynb #f3cf41f4
@@ -132,17 +140,23 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, mean=0.0, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None: nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None):
-        "Logits (B, T, vocab_size) for every position; mean cross-entropy against `targets` (B, T) if given, else None."
+    def forward(self, idx, targets=None, cache=None):
+        """Logits (B, T, vocab_size) for every position; mean cross-entropy against `targets` (B, T) if given, else
+        None. With a `cache` (generation): the positions follow the cached ones, and only the last one gets logits."""
         if idx.dim() != 2: raise ModelError(f"idx must have shape (batch, time), got shape {tuple(idx.shape)}")
         B, T = idx.shape
-        if T > self.block_size:
-            raise ModelError(f"sequence length {T} is longer than the model's block_size {self.block_size}; "
+        start = 0 if cache is None else cache.pos
+        if start + T > self.block_size:
+            raise ModelError(f"sequence length {start + T} is longer than the model's block_size {self.block_size}; "
                              "crop the input to the last block_size tokens")
         x = self.tok_emb(idx)
-        if self.pos_emb is not None: x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, C) broadcasts
+        if self.pos_emb is not None:   # (T, C) broadcasts over the batch
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        for block in self.blocks: x = block(x)
+        for i, block in enumerate(self.blocks): x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+            return self.lm_head(self.ln_f(x[:, -1:])), None   # the other positions predict tokens already there
         logits = self.lm_head(self.ln_f(x))
         if targets is None: return logits, None
         if targets.shape != idx.shape:
@@ -192,29 +206,101 @@ def check_sampling_args(max_new_tokens: int = 0, temperature: float = 1.0, top_k
     if top_p is not None and not 0 < top_p <= 1: raise ModelError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 0: raise ModelError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
 
-@patch
-@torch.no_grad()
-def stream(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None):
-    "Yield `max_new_tokens` sampled tokens, one `(B, 1)` tensor at a time, continuing `idx` (B, T)."
+def _draw(logits, temperature: float, top_k, top_p, generator):
+    """One token per row, `(B, 1)`, from the last position's `logits` (B, vocab): scaled, filtered, drawn. `generator`:
+    one for all rows (their draws interleave), or a list of one per row (each row's draws are its own)."""
+    probs = F.softmax(_filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+def _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator):
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ModelError(f"idx must have shape (batch, time) with time >= 1, got shape {tuple(idx.shape)}")
+    if isinstance(generator, (list, tuple)) and (len(generator) < 1 or idx.size(0) not in (1, len(generator))):
+        raise ModelError(f"{len(generator)} generators (one per sample) for {idx.size(0)} rows of idx: give one row "
+                         "(shared by every sample) or one row per generator")
+
+@patch
+@torch.no_grad()
+def stream_uncached(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, generator=None):
+    "Yield `max_new_tokens` sampled tokens, one `(B, 1)` tensor at a time, continuing `idx` (B, T): the plain loop."
+    _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+    if isinstance(generator, (list, tuple)): idx = idx.expand(len(generator), -1)
     was_training = self.training
     self.eval()
     try:
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.block_size:])      # 1. crop to the context the model can see, 2. forward
-            logits = logits[:, -1, :].float() / temperature  # 3. only the last position predicts a new token
-            probs = F.softmax(_filter_logits(logits, top_k, top_p), dim=-1)   # 4. filter
-            nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # 5. draw
+            nxt = _draw(logits[:, -1, :], temperature, top_k, top_p, generator)   # 3. the last position; 4. draw
             idx = torch.cat([idx, nxt], dim=1)
             yield nxt
     finally:
         self.train(was_training)
+@patch
+def generate(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator=None, cache: bool = True, keep: int | None = None):
+    """`idx` (B, T) with `max_new_tokens` sampled tokens appended (one row per generator, if a list of them);
+    `cache=False`: by the plain loop. With `generator`, the global RNG is left untouched."""
+    tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, keep) if cache else
+                  self.stream_uncached(idx, max_new_tokens, temperature, top_k, top_p, generator))
+    rows = len(generator) if isinstance(generator, (list, tuple)) else idx.size(0)
+    return torch.cat([idx.expand(rows, -1), *tokens], dim=1)
+
+# %% ../nbs/05_model.ipynb #41c0c83b
+class KVCache:
+    "Each layer's keys and values of the `pos` positions seen so far, with room for `size`; allocated on first use."
+    def __init__(self, n_layer: int, size: int):
+        self.n_layer, self.size, self.pos, self.k, self.v = n_layer, size, 0, None, None
+
+    def append(self, layer: int, k, v):
+        "Store `k`, `v` (B, n_head, T, head_size) after the cached positions; `layer`'s keys and values so far."
+        end = self.pos + k.size(2)
+        if end > self.size: raise ModelError(f"the cache has room for {self.size} positions, not {end}")
+        if self.k is None or self.k.shape[1] != k.size(0) or self.k.dtype != k.dtype:   # a new batch or dtype
+            if self.pos: raise ModelError("a cache continues the batch and dtype it was filled with")
+            self.k = k.new_empty(self.n_layer, k.size(0), k.size(1), self.size, k.size(3))
+            self.v = torch.empty_like(self.k)
+        self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat(self, n: int):
+        "Every cached row `n` times: one prompt, prefilled once, continued as `n` samples."
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        return self
+
+    def nbytes(self) -> int:
+        "Bytes of the keys and values a decoding step reads: every layer's, up to `pos`."
+        return 0 if self.k is None else 2 * self.k[:, :, :, :self.pos].numel() * self.k.element_size()
 
 @patch
-def generate(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None):
-    "`idx` (B, T) with `max_new_tokens` sampled tokens appended; with `generator`, the global RNG is left untouched."
-    return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator)], dim=1)
+@torch.no_grad()
+def stream(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator=None, keep: int | None = None):
+    """Yield `max_new_tokens` sampled tokens, one `(B, 1)` tensor at a time, continuing `idx` (B, T): the prompt
+    prefilled once into a `KVCache`, then one position per token. A full context is prefilled again from its last
+    `keep` tokens (default `block_size`: the plain loop's window)."""
+    _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+    keep = self.block_size if keep is None else keep
+    if not 1 <= keep <= self.block_size:
+        raise ModelError(f"keep must be between 1 and block_size ({self.block_size}), got {keep}")
+    rows = len(generator) if isinstance(generator, (list, tuple)) else idx.size(0)
+    was_training = self.training
+    self.eval()
+    try:
+        kv, nxt = KVCache(len(self.blocks), self.block_size), None
+        for i in range(max_new_tokens):
+            if i == 0:                              # prefill the prompt, once for all the rows
+                logits, _ = self(idx[:, -self.block_size:], cache=kv)
+                if idx.size(0) < rows: kv.repeat(rows); logits = logits.expand(rows, -1, -1)
+            elif kv.pos == self.block_size:         # the context is full: prefill its last `keep` tokens again
+                kv.pos = 0
+                logits, _ = self(idx[:, -keep:], cache=kv)
+            else: logits, _ = self(nxt, cache=kv)   # decode one position
+            nxt = _draw(logits[:, -1], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx.expand(rows, -1)[:, -self.block_size:], nxt], dim=1)
+            yield nxt
+    finally:
+        self.train(was_training)

@@ -15,6 +15,7 @@ from .tokenizer import Tokenizer, TokenizerError
 from .bpe import StreamDecoder
 from .model import Transformer, check_sampling_args
 from .device import pick_device
+from .optim import bf16_matmul_is_native
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .cli import CLIParser, command
 
@@ -65,25 +66,25 @@ def encode_prompt(tok: Tokenizer, prompt: str) -> torch.Tensor:
 
 def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_tokens: int = 500,
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                  num_samples: int = 1, seed: int = 1337, out=None) -> list[str]:
-    "Stream `num_samples` continuations of `prompt` to `out` (default stdout), each character once it is complete."
+                  num_samples: int = 1, seed: int = 1337, out=None, keep: int | None = None) -> list[str]:
+    """Write `num_samples` continuations of `prompt` to `out` (default stdout), the first streamed character by
+    character. The samples decode together after one prefill; sample i draws from its own generator, seeded `seed + i`."""
     check_request(max_new_tokens, temperature, top_k, top_p, num_samples)
     out = sys.stdout if out is None else out
     ids = encode_prompt(tok, prompt)
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    texts = []
-    for i in range(num_samples):
-        if i: out.write(SEPARATOR + '\n')
-        out.write(prompt); out.flush()
-        decoder, pieces = StreamDecoder(tok), []   # holds back a character whose bytes are not all there yet
-        for t in stream_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, generator=g):
-            pieces.append(decoder.step(t))
-            if pieces[-1]: out.write(pieces[-1]); out.flush()
-        pieces.append(decoder.flush())
-        out.write(pieces[-1] + '\n'); out.flush()
-        texts.append(''.join(pieces))
-    return texts
+    gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
+    decoders = [StreamDecoder(tok) for _ in gens]   # each holds back a character whose bytes are not all there yet
+    pieces = [[] for _ in gens]
+    out.write(prompt); out.flush()
+    for step in model.stream(ids[None].to(device), max_new_tokens, temperature, top_k, top_p, gens, keep):
+        for d, p, t in zip(decoders, pieces, step[:, 0].tolist()): p.append(d.step(t))
+        if pieces[0][-1]: out.write(pieces[0][-1]); out.flush()
+    for d, p in zip(decoders, pieces): p.append(d.flush())
+    out.write(pieces[0][-1] + '\n')
+    for p in pieces[1:]: out.write(f"{SEPARATOR}\n{prompt}{''.join(p)}\n")
+    out.flush()
+    return [''.join(p) for p in pieces]
 
 # %% ../nbs/13_sample.ipynb #1149110f
 def make_parser() -> argparse.ArgumentParser:
@@ -108,8 +109,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help='nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]')
     p.add_argument('--num-samples', '--num_samples', dest='num_samples', type=int, default=1, metavar='N',
                    help='how many samples to print (default: 1)')
-    p.add_argument('--seed', type=int, default=1337, help='random seed: same seed, same text (default: 1337)')
+    p.add_argument('--seed', type=int, default=1337,
+                   help='random seed: same seed, same text; sample i uses seed + i (default: 1337)')
+    p.add_argument('--keep-context', '--keep_context', dest='keep', type=int, default=None, metavar='N',
+                   help="beyond the model's context, continue from its last N tokens (default: all of the context, "
+                        "as the plain loop does; fewer is faster, and the text then differs from the plain loop's)")
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps (default: auto)')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='weights for generation: bfloat16 reads half the bytes per token, faster where bfloat16 is '
+                        'native (GPUs, CPUs with AVX-512 BF16 or AMX); its text may differ from float32 (default: '
+                        'float32)')
     return p
 
 def read_prompt(args) -> str:
@@ -127,10 +136,18 @@ def run(args) -> int:
     check_request(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     prompt = read_prompt(args)
     model, tok, _ = load_model(args.checkpoint, args.device)
+    if args.dtype == 'bfloat16':
+        if not bf16_matmul_is_native(next(model.parameters()).device):
+            print("note: bfloat16 is emulated on this machine, so --dtype bfloat16 is much slower than float32 here",
+                  file=sys.stderr)
+        model = model.to(torch.bfloat16)
     if prompt is None: prompt = tok.default_prompt
     encode_prompt(tok, prompt)   # fail before printing anything
+    if args.keep is not None and not 1 <= args.keep <= model.block_size:
+        raise SampleError(f"--keep-context must be between 1 and the model's context ({model.block_size}), "
+                          f"got {args.keep}")
     write_samples(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                  args.num_samples, args.seed)
+                  args.num_samples, args.seed, keep=args.keep)
     return 0
 
 def _end_line():
