@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainingConfig, ConfigError, load_config
+from .config import TrainingConfig, ConfigError, load_config, depth_dial
 from .corpus import load_text, atomic_write
 from .device import unwrap_model, autocast_dtype
 from .main import cli_overrides
@@ -289,7 +289,7 @@ def bench_config(args) -> TrainingConfig:
     ov = cli_overrides(ns)
     if args.threads is not None: ov['threads'] = args.threads
     if args.compile: ov['compile'] = True
-    return base.with_overrides(**ov)
+    return depth_dial(base, ov)
 
 def _check_args(args):
     for name, lo in (('steps', 1), ('warmup', 0), ('breakdown_steps', 1), ('generation_tokens', 2)):

@@ -13,9 +13,9 @@ import tinylm
 
 # %% auto #0
 __all__ = ['PACKAGE_DIR', 'BUNDLED_CORPUS', 'DEFAULT_DATA', 'RECIPES_DIR', 'MAX_YAML_BYTES', 'HASH_EXCLUDED', 'HASH_IF_SET',
-           'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'bundled_corpora', 'resolve_data_path',
-           'bundled_recipes', 'TrainingConfig', 'load_yaml', 'find_config', 'read_config_file', 'load_config',
-           'config_hash']
+           'DIAL_SHAPE', 'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'bundled_corpora',
+           'resolve_data_path', 'bundled_recipes', 'TrainingConfig', 'load_yaml', 'find_config', 'read_config_file',
+           'load_config', 'config_hash', 'depth_dial']
 
 # %% ../nbs/00_config.ipynb #e75a739e
 class TinyLMError(Exception):
@@ -92,6 +92,8 @@ class TrainingConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
+    depth: int = 0                   # one dial for the size (0: off): sets the shape, batch, rates and steps below
+    tokens_per_param: float = 12.0   # with depth: training tokens per parameter of the blocks' matrices
     dropout: float = 0.0
     bias: bool = False               # biases in Linear and LayerNorm layers
     pos_emb: str = 'learned'         # learned | rope (rotary: no position table)
@@ -194,6 +196,8 @@ def _check_values(c: TrainingConfig):
     for n in ('max_steps', 'batch_size', 'grad_accum_steps', 'block_size', 'n_layer', 'n_head', 'n_embd',
               'lr_decay_steps', 'log_cadence', 'keep_checkpoints'):
         need(getattr(c, n) > 0, f"config field '{n}' must be a positive integer, got {getattr(c, n)}")
+    need(c.depth >= 0, f"depth must be at least 1 (0: no dial), got {c.depth}")
+    need(c.tokens_per_param > 0, f"tokens_per_param must be > 0, got {c.tokens_per_param}")
     for n in ('warmup_steps', 'eval_cadence', 'eval_batches', 'sampling_cadence', 'sample_length', 'checkpoint_cadence',
               'threads'):
         need(getattr(c, n) >= 0, f"config field '{n}' must be >= 0, got {getattr(c, n)}")
@@ -305,7 +309,7 @@ HASH_EXCLUDED = frozenset({'data_path', 'out_dir', 'progress', 'tensorboard', 'k
                            'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence'})
 # fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
 HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
-                         'muon_split_qkv'})
+                         'muon_split_qkv', 'depth', 'tokens_per_param'})
 
 def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str | None = None) -> str:
     "A short stable hash of the fields that can change what a run computes, and of a non-character vocabulary."
@@ -316,3 +320,29 @@ def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str 
     if tokenizer_sha256 and config.tokenizer != 'char': d['tokenizer_sha256'] = tokenizer_sha256   # what it holds does
     canon = json.dumps(d, sort_keys=True, separators=(',', ':'), allow_nan=False)
     return hashlib.sha256(canon.encode('utf-8')).hexdigest()[:length]
+
+# %% ../nbs/00_config.ipynb #717a2a81
+DIAL_SHAPE = ('n_layer', 'n_head', 'n_embd')   # the shape is the depth's alone
+
+def depth_dial(base: TrainingConfig, overrides: dict | None = None) -> TrainingConfig:
+    """`base` (a recipe) with `overrides` (explicit settings) applied, and with `depth` (from either) setting the
+    shape, batch, learning rates and steps that `overrides` does not set."""
+    ov = dict(overrides or {})
+    config = base.with_overrides(**ov)                   # every name and value checked first
+    D = config.depth
+    if 'depth' in ov and D < 1: raise ConfigError(f"depth must be at least 1 (leave it out for no dial), got {D}")
+    if not D: return config
+    shape = dict(n_layer=D, n_head=D, n_embd=64 * D)
+    for k, v in shape.items():
+        if k in ov or getattr(base, k) != getattr(TrainingConfig(), k):
+            raise ConfigError(f"depth {D} sets {k}={v}, and {k}={getattr(config, k)} is set too: the depth decides the "
+                              f"shape, so drop one of them")
+    batch = ov.get('batch_size', max(1, round(base.batch_size * (D / base.n_layer) ** 0.383)))
+    rate = math.sqrt(batch / base.batch_size)
+    adam = rate * (shape['n_embd'] / base.n_embd) ** -0.5
+    tokens = config.tokens_per_param * 12 * D * shape['n_embd'] ** 2
+    steps = ov.get('max_steps', math.ceil(tokens / (batch * config.block_size * config.grad_accum_steps)))
+    derived = dict(shape, batch_size=batch, learning_rate=base.learning_rate * adam, min_lr=base.min_lr * adam,
+                   muon_lr=base.muon_lr * rate, max_steps=steps, lr_decay_steps=steps,
+                   warmup_steps=min(base.warmup_steps, steps // 10))
+    return config.with_overrides(**{k: v for k, v in derived.items() if k not in ov})

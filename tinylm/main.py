@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .config import (TrainingConfig, TinyLMError, ConfigError, load_config, read_config_file, load_yaml,
-                           bundled_recipes, brief)
+                           bundled_recipes, brief, depth_dial)
 from .tokenizer import Tokenizer
 from .bpe import BPETokenizer, tokenizer_from_state
 from .corpus import prepare_corpus, show_progress, corpus_files, CorpusReader
@@ -56,6 +56,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help='start a new run in an out_dir that holds an earlier run, deleting its checkpoints and log '
                         '(only once the new run has validated its config and loaded its data)')
     p.add_argument('--seed', type=int, help='random seed (new runs only)')
+    p.add_argument('--depth', type=int, metavar='D', help='one dial for the size of a new model: D layers, 64*D wide, '
+                   'and the batch, learning rates and steps to match (explicit settings win; chapter 0)')
     p.add_argument('--device', help='auto, cpu, cuda, cuda:N or mps')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='override any config field (repeatable), e.g. --set n_layer=6')
@@ -82,8 +84,8 @@ def cli_overrides(args) -> dict:
         except ConfigError:
             if '*' in value or '&' in value: raise     # an alias is refused, not taken as a string
             ov[key.strip()] = value
-    for flag, field in (('data', 'data_path'), ('max_steps', 'max_steps'), ('out_dir', 'out_dir'),
-                        ('seed', 'seed'), ('device', 'device')):
+    for flag, field in (('data', 'data_path'), ('max_steps', 'max_steps'), ('out_dir', 'out_dir'), ('seed', 'seed'),
+                        ('device', 'device'), ('depth', 'depth')):
         if getattr(args, flag, None) is not None: ov[field] = getattr(args, flag)
     return ov
 
@@ -91,8 +93,9 @@ def build_config(args, ckpt: dict | None = None, init: InitSource | None = None)
     "Defaults ← YAML ← command line (← `init`'s shape) for a new run; checkpoint ← allowed overrides for a resumed one."
     if ckpt is None:
         base = load_config(args.config) if args.config else TrainingConfig()
-        config = base.with_overrides(**cli_overrides(args))
+        config = depth_dial(base, cli_overrides(args))
         if init is None: return config
+        if config.depth: raise ConfigError("--init-from starts from weights with a shape; --depth sets one: drop it")
         return init_config(config, init, read_config_file(args.config) if args.config else {}, cli_overrides(args))
     try: saved = TrainingConfig.from_dict(ckpt['config'], source=f"{ckpt['path']} (config)")
     except TinyLMError as e: raise CheckpointError(str(e)) from None
@@ -224,8 +227,7 @@ def clear_run(out_dir):
     "Delete what an earlier run wrote into `out_dir` (its checkpoints, log and TensorBoard events), nothing else."
     out = Path(out_dir)
     for p in find_checkpoints(out / 'checkpoints'): p.unlink(missing_ok=True)
-    (out / 'checkpoints' / 'latest').unlink(missing_ok=True)
-    (out / 'train.jsonl').unlink(missing_ok=True)
+    for p in (out / 'checkpoints' / 'latest', out / 'train.jsonl'): p.unlink(missing_ok=True)
     shutil.rmtree(out / 'tensorboard', ignore_errors=True)
 
 def check_vocabulary(data_path: str, tok: Tokenizer, source: str):
@@ -296,10 +298,9 @@ class TrainSession:
     def __call__(self, args) -> int:
         dist = dist_env()
         self.prefix = f"[rank {dist.rank}] " if dist.enabled else ''
-        if args.overwrite and args.resume:
-            raise ConfigError("--overwrite starts a new run and cannot be combined with --resume")
-        if args.init_from and args.resume:
-            raise ConfigError("--init-from starts a new run from weights and cannot be combined with --resume")
+        for flag, what in (('overwrite', 'starts a new run'), ('init_from', 'starts a new run from weights')):
+            if getattr(args, flag) and args.resume:
+                raise ConfigError(f"--{flag.replace('_', '-')} {what} and cannot be combined with --resume")
         ckpt = load_checkpoint(args.resume) if args.resume else None
         if ckpt is not None: check_resumable(ckpt)
         init = read_init_source(args.init_from) if args.init_from else None
@@ -330,9 +331,8 @@ class TrainSession:
         if trainer.status != 'interrupted': return 0
         if dist.is_main:
             name = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else 'a stop request'
-            where = trainer.last_checkpoint
-            say(f"stopped by {name} before the first step; nothing to save" if where is None else
-                f"stopped by {name} at step {trainer.step}; checkpoint: {where}\n"
+            say(f"stopped by {name} before the first step; nothing to save" if not (where := trainer.last_checkpoint)
+                else f"stopped by {name} at step {trainer.step}; checkpoint: {where}\n"
                 f"resume with: tinylm_train --resume {where}")
         return 128 + int(trainer.stop_signal) if trainer.stop_signal else 1   # the shell's convention: 130, 143, 129
 

@@ -14,7 +14,7 @@ from .bpe import tokenizer_class
 from .corpus import load_text, atomic_write
 from .data import make_dataloaders
 from .device import (unwrap_model, DistInfo, time_precisions, machine_kind, describe_kind,
-                           PRECISION_MIN_SPEEDUP, PRECISION_MIN_GFLOP)
+                           PRECISION_MIN_SPEEDUP)
 from .optim import muon_params, orthogonalize, muon_ns_dtype, bf16_matmul_is_native
 from .checkpoint import load_checkpoint, capture_rng, restore_rng
 from .trainer import Trainer

@@ -68,7 +68,7 @@ def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_token
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                   num_samples: int = 1, seed: int = 1337, out=None, keep: int | None = None) -> list[str]:
     """Write `num_samples` continuations of `prompt` to `out` (default stdout), the first streamed character by
-    character. The samples decode together after one prefill; sample i draws from its own generator, seeded `seed + i`."""
+    character. The samples decode together after one prefill; sample i draws from a generator seeded `seed + i`."""
     check_request(max_new_tokens, temperature, top_k, top_p, num_samples)
     out = sys.stdout if out is None else out
     ids = encode_prompt(tok, prompt)

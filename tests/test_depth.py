@@ -1,0 +1,58 @@
+"""`--depth D`: one dial for the size of a new model; explicit settings win, the shape cannot be set twice, a resume
+keeps what the checkpoint recorded, and every mistake is one `error:` line with nothing written."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import assert_clean_error, cli_run, events, read_jsonl, run_cli, segments
+
+CHEAP = ('--set', 'eval_batches=1', '--set', 'eval_cadence=0', '--set', 'sample_length=0', '--set', 'block_size=16',
+         '--set', 'log_cadence=1', '--set', 'device=cpu', '--set', 'threads=1')
+
+
+def test_depth_sets_the_shape_batch_rates_and_steps(corpus, tmp_path):
+    out = tmp_path / 'd2'
+    p = run_cli(['--data', corpus, '--out-dir', out, '--depth', 2, '--max-steps', 3, *CHEAP])
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = events(read_jsonl(out / 'train.jsonl'), 'run_start')[0]['config']   # the depth and every derived value
+    batch = round(12 * (2 / 4) ** 0.383)
+    assert (cfg['depth'], cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['batch_size']) == (2, 2, 2, 128, batch)
+    assert cfg['learning_rate'] == pytest.approx(1e-3 * math.sqrt(batch / 12))   # width 128: AdamW's factor is 1
+    assert (cfg['max_steps'], cfg['lr_decay_steps']) == (3, 3)                      # an explicit --max-steps wins
+    # a resume without --depth continues with what the checkpoint recorded
+    p = run_cli(['--resume', out, '--max-steps', 5])
+    assert p.returncode == 0, p.stderr[-2000:]
+    again = segments(read_jsonl(out / 'train.jsonl'))[1][0]['config']
+    assert {k: again[k] for k in cfg if k != 'max_steps'} == {k: cfg[k] for k in cfg if k != 'max_steps'}
+
+
+def test_depth_12_is_gpt2_small_and_the_yaml_can_hold_it(tmp_path):
+    from tinylm.config import depth_dial, load_config
+    (tmp_path / 'd12.yaml').write_text('depth: 12\ntokens_per_param: 20\n', encoding='utf-8')
+    c = depth_dial(load_config(tmp_path / 'd12.yaml'))
+    assert (c.n_layer, c.n_head, c.n_embd) == (12, 12, 768)
+    assert c.max_steps == math.ceil(20 * 12 * 12 * 768 ** 2 / (c.batch_size * c.block_size))
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['--depth', 6, '--set', 'n_layer=4'], 'depth 6 sets n_layer=6, and n_layer=4 is set too'),
+    (['--depth', 0], 'depth must be at least 1'),
+    (['--depth', -3], 'depth must be at least 1'),
+    (['--set', 'depth=2', '--set', 'tokens_per_param=0'], 'tokens_per_param must be > 0'),
+    (['--depth', 'two'], "invalid int value: 'two'"),
+], ids=['shape-twice', 'zero', 'negative', 'no-tokens', 'not-a-number'])
+def test_bad_depth_is_one_error_line_and_nothing_is_written(corpus, tmp_path, args, msg):
+    out = tmp_path / 'never'
+    p = run_cli(['--data', corpus, '--out-dir', out, *args, *CHEAP])
+    assert_clean_error(p.returncode, p.stdout, p.stderr, code=2 if 'invalid int' in msg else 1, contains=msg)
+    assert not out.exists()
+
+
+def test_depth_with_init_from_is_refused(corpus, tmp_path):
+    src = cli_run(tmp_path / 'src', corpus, 2)
+    out = tmp_path / 'tuned'
+    p = run_cli(['--init-from', src.out, '--data', corpus, '--out-dir', out, '--depth', 2, *CHEAP])
+    assert_clean_error(p.returncode, p.stdout, p.stderr, contains='--depth sets one: drop it')
+    assert not out.exists()
