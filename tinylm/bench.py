@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainingConfig, ConfigError, load_config, depth_dial
+from .config import TrainingConfig, ConfigError, load_config
 from .corpus import load_text, atomic_write
 from .device import unwrap_model, autocast_dtype
 from .main import cli_overrides
@@ -18,7 +18,7 @@ from .measure import (setup, time_training, step_breakdown, peak_memory, matmul_
                             big_corpus, checkpoint_times, resume_times, startup_time, prepare_times, machine_info,
                             newton_schulz_times, Stopwatch)
 from .model import Transformer, KVCache
-from .optim import bf16_matmul_is_native
+from .optim import bf16_matmul_is_native, apply_dials
 
 # %% auto #0
 __all__ = ['GPT2_SHAPE', 'main', 'cli', 'memory_bandwidth', 'decode_bytes', 'generation_times', 'decode_vs_context',
@@ -289,7 +289,7 @@ def bench_config(args) -> TrainingConfig:
     ov = cli_overrides(ns)
     if args.threads is not None: ov['threads'] = args.threads
     if args.compile: ov['compile'] = True
-    return depth_dial(base, ov)
+    return apply_dials(base, ov)
 
 def _check_args(args):
     for name, lo in (('steps', 1), ('warmup', 0), ('breakdown_steps', 1), ('generation_tokens', 2)):

@@ -13,9 +13,9 @@ import tinylm
 
 # %% auto #0
 __all__ = ['PACKAGE_DIR', 'BUNDLED_CORPUS', 'DEFAULT_DATA', 'RECIPES_DIR', 'MAX_YAML_BYTES', 'HASH_EXCLUDED', 'HASH_IF_SET',
-           'DIAL_SHAPE', 'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'bundled_corpora',
-           'resolve_data_path', 'bundled_recipes', 'TrainingConfig', 'load_yaml', 'find_config', 'read_config_file',
-           'load_config', 'config_hash', 'depth_dial']
+           'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'bundled_corpora', 'resolve_data_path',
+           'bundled_recipes', 'TrainingConfig', 'parse_duration', 'load_yaml', 'find_config', 'read_config_file',
+           'load_config', 'config_hash']
 
 # %% ../nbs/00_config.ipynb #e75a739e
 class TinyLMError(Exception):
@@ -83,6 +83,7 @@ class TrainingConfig:
     out_dir: str = 'out'             # where train.jsonl and checkpoints/ go
     val_fraction: float = 0.05       # the last 5% of the corpus is the validation split
     max_steps: int = 2000            # total optimizer steps of the run
+    time_budget: str = ''            # e.g. 10m: train this long (training only); its first steps' speed sets the steps
     batch_size: int = 12             # global sequences per micro-step
     grad_accum_steps: int = 1        # micro-steps per optimizer step
     # -- model
@@ -189,6 +190,17 @@ def _unknown_key_message(key, names, source='config'):
     return f"{source}: unknown config key {brief(key)}{hint}"
 
 # %% ../nbs/00_config.ipynb #ccf4d6a7
+_DURATION = re.compile(r'^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*$')
+
+def parse_duration(text: str) -> float:
+    "The seconds of a time budget: a number and a unit, s, m or h (`90s`, `10m`, `1.5h`)."
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ConfigError(f"time_budget must be a number with a unit, s, m or h (90s, 10m, 1.5h); got {brief(text)}")
+    if not (secs := float(m[1]) * {'s': 1, 'm': 60, 'h': 3600}[m[2]]) > 0:
+        raise ConfigError(f"time_budget must be more than 0 seconds, got {brief(text)}")
+    return secs
+
 def _check_values(c: TrainingConfig):
     "Refuse impossible values with a message naming the field, the value and the rule."
     def need(cond, msg):
@@ -198,6 +210,7 @@ def _check_values(c: TrainingConfig):
         need(getattr(c, n) > 0, f"config field '{n}' must be a positive integer, got {getattr(c, n)}")
     need(c.depth >= 0, f"depth must be at least 1 (0: no dial), got {c.depth}")
     need(c.tokens_per_param > 0, f"tokens_per_param must be > 0, got {c.tokens_per_param}")
+    if c.time_budget: parse_duration(c.time_budget)
     for n in ('warmup_steps', 'eval_cadence', 'eval_batches', 'sampling_cadence', 'sample_length', 'checkpoint_cadence',
               'threads'):
         need(getattr(c, n) >= 0, f"config field '{n}' must be >= 0, got {getattr(c, n)}")
@@ -309,7 +322,7 @@ HASH_EXCLUDED = frozenset({'data_path', 'out_dir', 'progress', 'tensorboard', 'k
                            'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence'})
 # fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
 HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
-                         'muon_split_qkv', 'depth', 'tokens_per_param'})
+                         'muon_split_qkv', 'depth', 'tokens_per_param', 'time_budget'})
 
 def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str | None = None) -> str:
     "A short stable hash of the fields that can change what a run computes, and of a non-character vocabulary."
@@ -320,29 +333,3 @@ def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str 
     if tokenizer_sha256 and config.tokenizer != 'char': d['tokenizer_sha256'] = tokenizer_sha256   # what it holds does
     canon = json.dumps(d, sort_keys=True, separators=(',', ':'), allow_nan=False)
     return hashlib.sha256(canon.encode('utf-8')).hexdigest()[:length]
-
-# %% ../nbs/00_config.ipynb #717a2a81
-DIAL_SHAPE = ('n_layer', 'n_head', 'n_embd')   # the shape is the depth's alone
-
-def depth_dial(base: TrainingConfig, overrides: dict | None = None) -> TrainingConfig:
-    """`base` (a recipe) with `overrides` (explicit settings) applied, and with `depth` (from either) setting the
-    shape, batch, learning rates and steps that `overrides` does not set."""
-    ov = dict(overrides or {})
-    config = base.with_overrides(**ov)                   # every name and value checked first
-    D = config.depth
-    if 'depth' in ov and D < 1: raise ConfigError(f"depth must be at least 1 (leave it out for no dial), got {D}")
-    if not D: return config
-    shape = dict(n_layer=D, n_head=D, n_embd=64 * D)
-    for k, v in shape.items():
-        if k in ov or getattr(base, k) != getattr(TrainingConfig(), k):
-            raise ConfigError(f"depth {D} sets {k}={v}, and {k}={getattr(config, k)} is set too: the depth decides the "
-                              f"shape, so drop one of them")
-    batch = ov.get('batch_size', max(1, round(base.batch_size * (D / base.n_layer) ** 0.383)))
-    rate = math.sqrt(batch / base.batch_size)
-    adam = rate * (shape['n_embd'] / base.n_embd) ** -0.5
-    tokens = config.tokens_per_param * 12 * D * shape['n_embd'] ** 2
-    steps = ov.get('max_steps', math.ceil(tokens / (batch * config.block_size * config.grad_accum_steps)))
-    derived = dict(shape, batch_size=batch, learning_rate=base.learning_rate * adam, min_lr=base.min_lr * adam,
-                   muon_lr=base.muon_lr * rate, max_steps=steps, lr_decay_steps=steps,
-                   warmup_steps=min(base.warmup_steps, steps // 10))
-    return config.with_overrides(**{k: v for k, v in derived.items() if k not in ov})

@@ -14,6 +14,7 @@ from .config import TinyLMError, config_hash, brief
 from .trainer import Hook, hook_name
 from .bpe import tokenizer_info
 from .device import machine_kind, describe_kind
+from .optim import BUDGET_HORIZON
 
 # %% auto #0
 __all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_changes', 'ConsoleLogger', 'ProgressBar',
@@ -81,8 +82,9 @@ class ConsoleLogger(Hook):
         self.window = _Window(); self.window.reset(t)
         start = f"resuming from {t.resumed_from} at step {t.step}" if t.resumed_from else "starting a new run"
         run = f" | run {t.run_id}" if self.volatile else ''
+        last = '(the time budget decides)' if t.max_steps == BUDGET_HORIZON else t.max_steps
         self.say(f"tinylm: {start}{run} | {t.raw_model.num_params():,} parameters | device {t.device} | "
-                 f"steps {t.step + 1}..{t.max_steps}")
+                 f"steps {t.step + 1}..{last}")
         self.say(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
         if t.precision == 'bfloat16' and (p := t.precision_probe or {}).get('decided_by') == 'measurement':
             fast = f" ({p['speedup']:.2f}x)" if self.volatile else ''
@@ -97,6 +99,10 @@ class ConsoleLogger(Hook):
             self.say(f"note: the checkpoint was computed by {changed['world_size_saved']} process(es), this run has "
                      f"{t.world_size}: it continues at the same step, data position and schedule, but not bit for bit")
     def after_step(self, t):
+        if (tb := getattr(t, 'time_budget', None)) and tb['step'] == t.step:
+            took = f" at {tb['step_s'] * 1000:.1f} ms a step" if self.volatile else ''
+            self.say(f"time budget {t.config.time_budget}: {tb['steps'] - t.step} more steps fit{took}; the run ends "
+                     f"at step {tb['steps']}, where the learning rate reaches its floor")
         if t.step % t.config.log_cadence == 0:
             tps, secs = self.window.read(t)
             w = len(str(t.max_steps))
@@ -200,6 +206,8 @@ class JsonlLogger(Hook):
         if t.step % t.config.log_cadence == 0:
             tps, secs = self.window.read(t)
             self.write(t, 'step', loss=t.last_loss.item(), lr=t.lr, tokens_per_s=tps, step_time_s=secs)
+        if (tb := getattr(t, 'time_budget', None)) and tb['step'] == t.step:   # the steps a time budget decided
+            self.write(t, 'time_budget', **{k: v for k, v in tb.items() if k != 'step'})
     def after_eval(self, t):
         self.write(t, 'eval', val_loss=t.last_val_loss, val_bpb=t.last_val_bpb,
                    val_bpc=bits_per_char(t.last_val_loss) if t.last_val_bpc is None else t.last_val_bpc,

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from .config import (TrainingConfig, TinyLMError, ConfigError, load_config, read_config_file, load_yaml,
-                           bundled_recipes, brief, depth_dial)
+                           bundled_recipes, brief)
 from .tokenizer import Tokenizer
 from .bpe import BPETokenizer, tokenizer_from_state
 from .corpus import prepare_corpus, show_progress, corpus_files, CorpusReader
 from .data import split_corpus, WindowDataset, make_dataloaders, DataError
 from .model import Transformer
-from .optim import create_optimizer
+from .optim import create_optimizer, apply_dials, TimeBudget
 from .device import DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp, compile_model
 from .checkpoint import (CheckpointError, load_checkpoint, check_resumable, find_checkpoints, RunLock,
                                model_from_checkpoint)
@@ -57,7 +57,9 @@ def make_parser() -> argparse.ArgumentParser:
                         '(only once the new run has validated its config and loaded its data)')
     p.add_argument('--seed', type=int, help='random seed (new runs only)')
     p.add_argument('--depth', type=int, metavar='D', help='one dial for the size of a new model: D layers, 64*D wide, '
-                   'and the batch, learning rates and steps to match (explicit settings win; chapter 0)')
+                   'and the batch, learning rates and steps to match (explicit settings win; chapter 6)')
+    p.add_argument('--time-budget', '--time_budget', dest='time_budget', metavar='T', help='train for T of training '
+                   'time (90s, 10m, 1.5h): the first steps\' speed decides the steps; --max-steps caps them')
     p.add_argument('--device', help='auto, cpu, cuda, cuda:N or mps')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='override any config field (repeatable), e.g. --set n_layer=6')
@@ -85,7 +87,7 @@ def cli_overrides(args) -> dict:
             if '*' in value or '&' in value: raise     # an alias is refused, not taken as a string
             ov[key.strip()] = value
     for flag, field in (('data', 'data_path'), ('max_steps', 'max_steps'), ('out_dir', 'out_dir'), ('seed', 'seed'),
-                        ('device', 'device'), ('depth', 'depth')):
+                        ('device', 'device'), ('depth', 'depth'), ('time_budget', 'time_budget')):
         if getattr(args, flag, None) is not None: ov[field] = getattr(args, flag)
     return ov
 
@@ -93,9 +95,8 @@ def build_config(args, ckpt: dict | None = None, init: InitSource | None = None)
     "Defaults ← YAML ← command line (← `init`'s shape) for a new run; checkpoint ← allowed overrides for a resumed one."
     if ckpt is None:
         base = load_config(args.config) if args.config else TrainingConfig()
-        config = depth_dial(base, cli_overrides(args))
+        config = apply_dials(base, cli_overrides(args))
         if init is None: return config
-        if config.depth: raise ConfigError("--init-from starts from weights with a shape; --depth sets one: drop it")
         return init_config(config, init, read_config_file(args.config) if args.config else {}, cli_overrides(args))
     try: saved = TrainingConfig.from_dict(ckpt['config'], source=f"{ckpt['path']} (config)")
     except TinyLMError as e: raise CheckpointError(str(e)) from None
@@ -165,7 +166,7 @@ def read_init_source(path) -> InitSource:
 def init_config(config: TrainingConfig, init: InitSource, from_yaml: dict, from_cli: dict) -> TrainingConfig:
     "`config` with the shape and tokenizer of the `init` weights; a setting that disagrees with them is an error."
     asked, kind = {**from_yaml, **from_cli}, init.tokenizer.kind
-    for k, v in {**init.fields, 'tokenizer': kind}.items():
+    for k, v in {**init.fields, 'tokenizer': kind, 'depth': 0}.items():   # no dial: the weights have a shape
         if k in asked and getattr(config, k) != v:
             where = 'on the command line' if k in from_cli else 'in the config file'
             raise ConfigError(f"--init-from {init.path}: its model has {k}={brief(v)}, but "
@@ -181,7 +182,7 @@ def seed_everything(seed: int):
 def standard_hooks(config: TrainingConfig, console: bool = True, signals: bool = True, main_rank: bool = True) -> list:
     """The hooks of a command-line run. Only the main rank logs, samples and writes checkpoints; every rank evaluates
     (the validation loss is averaged across ranks), handles signals and hands its random states to the checkpoint."""
-    hooks = [Evaluator(), Checkpointer()]
+    hooks = ([TimeBudget()] if config.time_budget else []) + [Evaluator(), Checkpointer()]
     if signals: hooks.append(GracefulStop())
     if not main_rank: return hooks
     hooks += [Sampler(), JsonlLogger()]
@@ -283,9 +284,6 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     return trainer, train_dl
 
 # %% ../nbs/12_main.ipynb #17602fdf
-def _lost_contact(e: BaseException) -> bool:
-    return 'Connection closed by peer' in str(e) or 'Connection reset by peer' in str(e)
-
 class TrainSession:
     "One invocation of `tinylm_train`: what it needs to report an interruption or an error."
     def __init__(self): self.trainer, self.prefix = None, ''
@@ -321,7 +319,7 @@ class TrainSession:
             trainer.fit(train_dl)
             if dist.enabled: torch.distributed.barrier()   # the other ranks wait until rank 0 has saved and logged
         except Exception as e:
-            if _lost_contact(e):
+            if 'Connection closed by peer' in str(e) or 'Connection reset by peer' in str(e):   # another rank died
                 raise TinyLMError("lost contact with another process of this job (it probably failed: see its error "
                                   "above)") from None
             raise

@@ -4,14 +4,15 @@
 
 # %% ../nbs/06_optim.ipynb #00eee61c
 from __future__ import annotations
-import functools, math, time
+import functools, math, statistics, time
 import torch
 import torch.nn as nn
-from .config import TrainingConfig, TinyLMError, ConfigError
+from .config import TrainingConfig, TinyLMError, ConfigError, parse_duration
 
 # %% auto #0
-__all__ = ['NS_COEFFICIENTS', 'param_groups', 'create_optimizer', 'ns_schedule', 'orthogonalize', 'bf16_matmul_is_native',
-           'muon_ns_dtype', 'Muon', 'muon_params', 'MuonWithAdamW', 'muon_with_adamw', 'lr_at', 'set_lr']
+__all__ = ['NS_COEFFICIENTS', 'DIAL_SHAPE', 'BUDGET_HORIZON', 'param_groups', 'create_optimizer', 'ns_schedule', 'orthogonalize',
+           'bf16_matmul_is_native', 'muon_ns_dtype', 'Muon', 'muon_params', 'MuonWithAdamW', 'muon_with_adamw', 'lr_at',
+           'set_lr', 'apply_dials', 'TimeBudget']
 
 # %% ../nbs/06_optim.ipynb #10c7ac08
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -251,3 +252,51 @@ def set_lr(optimizer, lr: float) -> None:
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
     for group in optimizer.param_groups: group['lr'] = lr * group.get('lr_scale', 1.0)
+
+# %% ../nbs/06_optim.ipynb #717a2a81
+DIAL_SHAPE = ('n_layer', 'n_head', 'n_embd')   # the shape is the depth's alone
+BUDGET_HORIZON = 10**9                          # the steps of a budgeted run until its speed is measured
+
+def apply_dials(base: TrainingConfig, overrides: dict | None = None) -> TrainingConfig:
+    """`base` (a recipe) with `overrides` (explicit settings) applied; then `depth` sets the shape, batch, learning
+    rates and steps that `overrides` does not set, and `time_budget` leaves the steps open until they are measured."""
+    ov = dict(overrides or {})
+    config = base.with_overrides(**ov)                   # every name and value checked first
+    D = config.depth
+    if 'depth' in ov and D < 1: raise ConfigError(f"depth must be at least 1 (leave it out for no dial), got {D}")
+    if D:
+        shape = dict(n_layer=D, n_head=D, n_embd=64 * D)
+        for k, v in shape.items():
+            if k in ov or getattr(base, k) != getattr(TrainingConfig(), k):
+                raise ConfigError(f"depth {D} sets {k}={v}, and {k}={getattr(config, k)} is set too: the depth decides "
+                                  "the shape, so drop one of them")
+        batch = ov.get('batch_size', max(1, round(base.batch_size * (D / base.n_layer) ** 0.383)))
+        rate = math.sqrt(batch / base.batch_size)
+        adam = rate * (shape['n_embd'] / base.n_embd) ** -0.5
+        tokens = config.tokens_per_param * 12 * D * shape['n_embd'] ** 2
+        steps = ov.get('max_steps', math.ceil(tokens / (batch * config.block_size * config.grad_accum_steps)))
+        derived = dict(shape, batch_size=batch, learning_rate=base.learning_rate * adam, min_lr=base.min_lr * adam,
+                       muon_lr=base.muon_lr * rate, max_steps=steps, lr_decay_steps=steps,
+                       warmup_steps=min(base.warmup_steps, steps // 10))
+        config = config.with_overrides(**{k: v for k, v in derived.items() if k not in ov})
+    if config.time_budget:   # an explicit --max-steps stays, as a cap
+        config = config.with_overrides(lr_decay_steps=BUDGET_HORIZON,
+                                       **({} if 'max_steps' in ov else {'max_steps': BUDGET_HORIZON}))
+    return config
+
+class TimeBudget:
+    "With `time_budget`: after `probe` steps, the run's steps and the schedule's horizon, decided from their speed."
+    order, probe = 5, 10
+    def before_fit(self, t): self.times = []
+    def after_step(self, t):
+        c = t.config
+        if not c.time_budget or c.lr_decay_steps != BUDGET_HORIZON: return   # no budget, or already decided
+        self.times.append(t.step_seconds)
+        if len(self.times) < self.probe: return
+        budget, per_step = parse_duration(c.time_budget), statistics.median(self.times[1:])
+        steps = torch.tensor(t.step + max(0, int((budget - t.train_seconds) // per_step)))
+        if t.world_size > 1: torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
+        steps = min(int(steps), c.max_steps)
+        warm = min(c.warmup_steps, max(t.step, steps // 10))   # a warm-up of at most a tenth of the run
+        t.config, t.max_steps = c.with_overrides(max_steps=steps, lr_decay_steps=steps, warmup_steps=warm), steps
+        t.time_budget = dict(step=t.step, budget_s=budget, step_s=per_step, probe_steps=len(self.times), steps=steps)
