@@ -214,21 +214,22 @@ def _draw(logits, temperature: float, top_k, top_p, generator):
         return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)])
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
-def _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator):
+def _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator) -> int:
+    "Refuse a bad request before any work; the number of rows to generate (one per generator, if a list of them)."
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ModelError(f"idx must have shape (batch, time) with time >= 1, got shape {tuple(idx.shape)}")
     if isinstance(generator, (list, tuple)) and (len(generator) < 1 or idx.size(0) not in (1, len(generator))):
         raise ModelError(f"{len(generator)} generators (one per sample) for {idx.size(0)} rows of idx: give one row "
                          "(shared by every sample) or one row per generator")
+    return len(generator) if isinstance(generator, (list, tuple)) else idx.size(0)
 
 @patch
 @torch.no_grad()
 def stream_uncached(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, generator=None):
     "Yield `max_new_tokens` sampled tokens, one `(B, 1)` tensor at a time, continuing `idx` (B, T): the plain loop."
-    _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
-    if isinstance(generator, (list, tuple)): idx = idx.expand(len(generator), -1)
+    idx = idx.expand(_check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator), -1)
     was_training = self.training
     self.eval()
     try:
@@ -244,9 +245,9 @@ def generate(self: Transformer, idx, max_new_tokens: int, temperature: float = 1
              top_p: float | None = None, generator=None, cache: bool = True, keep: int | None = None):
     """`idx` (B, T) with `max_new_tokens` sampled tokens appended (one row per generator, if a list of them);
     `cache=False`: by the plain loop. With `generator`, the global RNG is left untouched."""
-    tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, keep) if cache else
-                  self.stream_uncached(idx, max_new_tokens, temperature, top_k, top_p, generator))
-    rows = len(generator) if isinstance(generator, (list, tuple)) else idx.size(0)
+    rows = _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+    tokens = (self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, keep) if cache else
+              self.stream_uncached(idx, max_new_tokens, temperature, top_k, top_p, generator))
     return torch.cat([idx.expand(rows, -1), *tokens], dim=1)
 
 # %% ../nbs/05_model.ipynb #41c0c83b
@@ -271,10 +272,6 @@ class KVCache:
         self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
         return self
 
-    def nbytes(self) -> int:
-        "Bytes of the keys and values a decoding step reads: every layer's, up to `pos`."
-        return 0 if self.k is None else 2 * self.k[:, :, :, :self.pos].numel() * self.k.element_size()
-
 @patch
 @torch.no_grad()
 def stream(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -282,11 +279,10 @@ def stream(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0
     """Yield `max_new_tokens` sampled tokens, one `(B, 1)` tensor at a time, continuing `idx` (B, T): the prompt
     prefilled once into a `KVCache`, then one position per token. A full context is prefilled again from its last
     `keep` tokens (default `block_size`: the plain loop's window)."""
-    _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+    rows = _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
     keep = self.block_size if keep is None else keep
     if not 1 <= keep <= self.block_size:
         raise ModelError(f"keep must be between 1 and block_size ({self.block_size}), got {keep}")
-    rows = len(generator) if isinstance(generator, (list, tuple)) else idx.size(0)
     was_training = self.training
     self.eval()
     try:
