@@ -43,12 +43,14 @@ def test_depth_12_is_gpt2_small_and_the_yaml_can_hold_it(tmp_path):
     (['--depth', 0], 'depth must be at least 1'),
     (['--depth', -3], 'depth must be at least 1'),
     (['--set', 'depth=2', '--set', 'tokens_per_param=0'], 'tokens_per_param must be > 0'),
-    (['--depth', 'two'], "invalid int value: 'two'"),
-], ids=['shape-twice', 'zero', 'negative', 'no-tokens', 'not-a-number'])
+    (['--depth', 'two'], "argument --depth: expects a whole number or auto, got 'two'"),
+    (['--depth', 'auto'], '--depth auto needs --time-budget'),
+    (['--depth', 'auto', '--time-budget', '10m', '--set', 'n_embd=96'], 'depth 1 sets n_embd=64, and n_embd=96'),
+], ids=['shape-twice', 'zero', 'negative', 'no-tokens', 'not-a-number', 'auto-without-budget', 'auto-shape-twice'])
 def test_bad_depth_is_one_error_line_and_nothing_is_written(corpus, tmp_path, args, msg):
     out = tmp_path / 'never'
     p = run_cli(['--data', corpus, '--out-dir', out, *args, *CHEAP])
-    assert_clean_error(p.returncode, p.stdout, p.stderr, code=2 if 'invalid int' in msg else 1, contains=msg)
+    assert_clean_error(p.returncode, p.stdout, p.stderr, code=2 if 'argument --depth' in msg else 1, contains=msg)
     assert not out.exists()
 
 
@@ -98,9 +100,29 @@ def test_an_explicit_max_steps_caps_the_budget(corpus, tmp_path):
 
 
 @pytest.mark.parametrize('budget, msg', [('10', 'a number with a unit, s, m or h'), ('0s', 'more than 0 seconds'),
-                                         ('ten minutes', 'a number with a unit')])
+                                         ('ten minutes', 'a number with a unit'),
+                                         ('0.00001s', 'cannot fit one training step: a step of this model takes')])
 def test_a_bad_budget_is_one_error_line_and_nothing_is_written(corpus, tmp_path, budget, msg):
     out = tmp_path / 'never'
     p = run_cli(['--data', corpus, '--out-dir', out, '--time-budget', budget, *CHEAP])
     assert_clean_error(p.returncode, p.stdout, p.stderr, contains=msg)
     assert not out.exists()
+
+
+def test_depth_auto_picks_the_depth_the_law_calls_best_and_records_why(corpus, tmp_path):
+    import json
+    from tinylm.device import LAW_FILE
+    out = tmp_path / 'auto'
+    p = run_cli(['--data', corpus, '--out-dir', out, '--config', 'modern', '--depth', 'auto', '--time-budget', '1m',
+                 '--max-steps', 3, *CHEAP])
+    assert p.returncode == 0, p.stderr[-2000:]
+    start = events(read_jsonl(out / 'train.jsonl'), 'run_start')[0]
+    probe = start['budget_probe']                              # what was timed, and the law it was read against
+    assert probe['law'] == json.loads(LAW_FILE.read_text())
+    rows = probe['rows']
+    assert [r['depth'] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(r['law_params'] > r['params'] for r in rows[:-1])       # it stops at the first depth past the law
+    best = min(rows, key=lambda r: abs(math.log(r['params'] / r['law_params'])))
+    assert start['config']['depth'] == probe['depth'] == best['depth']
+    assert start['config']['n_layer'] == best['depth'] and start['n_params'] != 0
+    assert f"depth auto: {best['depth']} (timed depths 1..{len(rows)}" in p.stdout

@@ -9,8 +9,8 @@ import argparse, os, sys, traceback
 from .config import TinyLMError, os_error_cause
 
 # %% auto #0
-__all__ = ['EXIT_OK', 'EXIT_ERROR', 'EXIT_USAGE', 'EXIT_INTERRUPTED', 'EXIT_BROKEN_PIPE', 'CLIParser', 'say', 'print_error',
-           'report_error', 'run_command', 'exit_with', 'command']
+__all__ = ['EXIT_OK', 'EXIT_ERROR', 'EXIT_USAGE', 'EXIT_INTERRUPTED', 'EXIT_BROKEN_PIPE', 'CLIParser', 'int_or', 'say',
+           'print_error', 'report_error', 'run_command', 'exit_with', 'command']
 
 # %% ../nbs/11_cli.ipynb #37b9b613
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
@@ -20,6 +20,14 @@ class CLIParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"error: {message}\n")
+
+def int_or(word: str):
+    "An `argparse` type: a whole number, or `word` itself (`--depth auto`)."
+    def value(text: str):
+        if text == word: return text
+        try: return int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expects a whole number or {word}, got {text!r}") from None
+    return value
 
 def say(msg: str, file=None):
     "Print `msg` (to stdout by default); if the terminal or pipe is gone, say nothing rather than fail."

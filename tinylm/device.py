@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_device.ipynb #707a113e
 from __future__ import annotations
-import datetime, os, statistics, time
+import datetime, json, math, os, statistics, time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -12,15 +12,17 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 
-from .config import TinyLMError
-from .optim import bf16_matmul_is_native, _agreed_dtype
+from .config import TinyLMError, TrainingConfig, ConfigError, RECIPES_DIR, parse_duration
+from .model import Transformer
+from .optim import bf16_matmul_is_native, _agreed_dtype, create_optimizer, apply_dials
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
-__all__ = ['PRECISION_MIN_SPEEDUP', 'PRECISION_MIN_GFLOP', 'DeviceError', 'pick_device', 'autocast_dtype', 'autocast',
+__all__ = ['PRECISION_MIN_SPEEDUP', 'PRECISION_MIN_GFLOP', 'LAW_FILE', 'DeviceError', 'pick_device', 'autocast_dtype', 'autocast',
            'grad_scaler', 'onednn_isa', 'machine_kind', 'describe_kind', 'to_device', 'unwrap_model', 'fork_rng',
            'time_precisions', 'choose_precision', 'resumed_precision', 'compile_model', 'DistInfo', 'dist_env',
-           'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks', 'agree_on_stop']
+           'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks', 'agree_on_stop',
+           'step_seconds', 'block_params', 'budget_probe']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -250,3 +252,76 @@ def agree_on_stop(signal: int, device: torch.device) -> int:
     flag = torch.tensor([int(signal)], dtype=torch.int64, device=device if device.type == 'cuda' else 'cpu')
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
+
+# %% ../nbs/07_device.ipynb #e1697e7c
+LAW_FILE = RECIPES_DIR / 'scaling_law.json'   # the fit of the scaling chapter (19): best size for a compute budget
+
+def step_seconds(config: TrainingConfig, vocab_size: int, device, steps: int = 3) -> tuple[float, nn.Module]:
+    """Median seconds of one training step (every micro-step's forward and backward in the run's precision, and the
+    optimizer) of a fresh model of `config` on fixed tokens, after a warm-up step, and the model; the random state
+    and the thread count are kept."""
+    device, threads = torch.device(device), torch.get_num_threads()
+    with fork_rng(device):
+        torch.manual_seed(0)
+        if config.threads: torch.set_num_threads(config.threads)
+        try:
+            model = Transformer(vocab_size, config).to(device)
+            opt, times = create_optimizer(model, config), []
+            b = config.batch_size
+            x = (torch.arange(b * config.block_size, device=device) % vocab_size).view(b, -1)
+            for _ in range(steps + 1):
+                t0 = time.perf_counter()
+                for _ in range(config.grad_accum_steps):
+                    with autocast(device, config.precision): loss = model(x, x)[1]
+                    loss.backward()
+                opt.step(); opt.zero_grad(set_to_none=True)
+                if device.type == 'cuda': torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+        finally: torch.set_num_threads(threads)
+    return statistics.median(times[1:]), model
+
+def block_params(n_layer: int, n_embd: int) -> int:
+    "The parameters of the blocks' matrices, 12 × layers × width² (what the dial's tokens and the law count)."
+    return 12 * n_layer * n_embd ** 2
+
+def budget_probe(base: TrainingConfig, overrides: dict, init=None, law: dict | None = None, max_depth: int = 32):
+    """A new run's `overrides` with `depth: auto` replaced by the depth the fitted `law` calls best for the compute
+    each depth does here in the time budget (timing depths from 1 up until the law's size is passed), and what was
+    measured; a budget that cannot fit one step, or `auto` without a budget, is an error before anything is written.
+    `init`: the weights a run starts from (`--init-from`), whose shape and vocabulary are timed."""
+    ov = {k: v for k, v in overrides.items() if k != 'depth' or v != 'auto'}
+    c, auto = base.with_overrides(**ov), overrides.get('depth') == 'auto'
+    if auto and init is not None: raise ConfigError("--depth auto picks the size of a new model, and --init-from "
+                                                    "brings weights with their own: drop one of them")
+    if not c.time_budget:
+        if auto: raise ConfigError("--depth auto needs --time-budget: it picks the size for the time the run trains "
+                                   "(e.g. --depth auto --time-budget 10m)")
+        return ov, None
+    if dist_env().world_size > 1:   # every process would time itself, all on one device
+        if auto: raise ConfigError("--depth auto times one process: under torchrun, pass the depth it picks alone "
+                                   "(--depth D)")
+        return ov, None
+    budget, device = parse_duration(c.time_budget), pick_device(c.device)
+    vocab = init.tokenizer.vocab_size if init else c.bpe_vocab_size if c.tokenizer == 'bpe' else 128   # a guess
+    try:
+        law = law or (json.loads(LAW_FILE.read_text()) if auto else None)
+        if law: law = dict(law, coef=float(law['coef']), exponent=float(law['exponent']))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--depth auto needs the fitted law in {LAW_FILE}: {e}") from None
+    rows = []
+    for depth in range(1, max_depth + 1) if auto else [c.depth]:
+        cd = apply_dials(base, {**ov, 'depth': depth} if auto else ov).with_overrides(**(init.fields if init else {}))
+        try: s, model = step_seconds(cd, vocab, device)
+        except (MemoryError, torch.OutOfMemoryError):
+            if rows: break
+            raise ConfigError(f"a training step of this model does not fit in {device}'s memory") from None
+        if s > budget and rows: break   # this depth cannot do one step: the smaller ones are the choice
+        if s > budget: raise ConfigError(f"time_budget {c.time_budget} cannot fit one training step: a step of this "
+                                         f"{'smallest ' if auto else ''}model takes {s:.3g} s here")
+        row = dict(depth=depth, step_ms=round(s * 1e3, 2), params=block_params(cd.n_layer, cd.n_embd))
+        if not auto: return ov, dict(vocab_size=vocab, **row)
+        row['flops'] = model.flops_per_token() * cd.batch_size * cd.block_size * cd.grad_accum_steps * budget / s
+        rows.append(dict(row, law_params=max(1, round(law['coef'] * row['flops'] ** law['exponent']))))
+        if row['params'] >= rows[-1]['law_params']: break
+    pick = min(rows, key=lambda r: abs(math.log(r['params'] / r['law_params'])))['depth']
+    return {**ov, 'depth': pick}, dict(vocab_size=vocab, law=law, rows=rows, depth=pick)

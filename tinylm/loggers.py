@@ -86,6 +86,9 @@ class ConsoleLogger(Hook):
         self.say(f"tinylm: {start}{run} | {t.raw_model.num_params():,} parameters | device {t.device} | "
                  f"steps {t.step + 1}..{last}")
         self.say(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
+        if (bp := getattr(t, 'budget_probe', None)) and 'rows' in bp:
+            self.say(f"depth auto: {bp['depth']} (timed depths 1..{len(bp['rows'])}; the law's best size for the "
+                     f"compute each does in {t.config.time_budget}); run_start has the measurements")
         if t.precision == 'bfloat16' and (p := t.precision_probe or {}).get('decided_by') == 'measurement':
             fast = f" ({p['speedup']:.2f}x)" if self.volatile else ''
             self.say(f"precision auto: bfloat16, measured faster than float32 for this model{fast}; --set "
@@ -199,6 +202,7 @@ class JsonlLogger(Hook):
                    max_steps=t.max_steps, tokens_per_step=t.tokens_per_step, threads=torch.get_num_threads(),
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_kind(t.device),
                    precision=t.precision, precision_probe=t.precision_probe, **resume_changes(t),
+                   **({'budget_probe': bp} if (bp := getattr(t, 'budget_probe', None)) else {}),
                    optimizer=getattr(t.optimizer, 'impl', type(t.optimizer).__name__),
                    **getattr(t.optimizer, 'run_facts', {}),
                    **({'log_repaired': repaired} if repaired else {}))

@@ -19,12 +19,12 @@ from .corpus import prepare_corpus, show_progress, corpus_files, CorpusReader
 from .data import split_corpus, WindowDataset, make_dataloaders, DataError
 from .model import Transformer
 from .optim import create_optimizer, apply_dials, TimeBudget
-from .device import DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp, compile_model
+from .device import budget_probe, DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp, compile_model
 from .checkpoint import (CheckpointError, load_checkpoint, check_resumable, find_checkpoints, RunLock,
                                model_from_checkpoint)
 from .trainer import Trainer, Evaluator, Sampler, Checkpointer, GracefulStop
 from .loggers import ConsoleLogger, ProgressBar, JsonlLogger, TensorBoardLogger, tensorboard_writer_class
-from .cli import CLIParser, run_command, exit_with, say
+from .cli import int_or, CLIParser, run_command, exit_with, say
 
 # %% auto #0
 __all__ = ['RESUMABLE_FIELDS', 'SHAPE_FIELDS', 'make_parser', 'cli_overrides', 'build_config', 'InitError', 'InitSource',
@@ -56,8 +56,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help='start a new run in an out_dir that holds an earlier run, deleting its checkpoints and log '
                         '(only once the new run has validated its config and loaded its data)')
     p.add_argument('--seed', type=int, help='random seed (new runs only)')
-    p.add_argument('--depth', type=int, metavar='D', help='one dial for the size of a new model: D layers, 64*D wide, '
-                   'and the batch, learning rates and steps to match (explicit settings win; chapter 6)')
+    p.add_argument('--depth', type=int_or('auto'), metavar='D', help='one dial for the size of a new model: D layers, '
+                   '64*D wide, with batch, rates and steps to match (explicit settings win; chapter 6); auto: the '
+                   'best for --time-budget here (chapter 19)')
     p.add_argument('--time-budget', '--time_budget', dest='time_budget', metavar='T', help='train for T of training '
                    'time (90s, 10m, 1.5h): the first steps\' speed decides the steps; --max-steps caps them')
     p.add_argument('--device', help='auto, cpu, cuda, cuda:N or mps')
@@ -95,7 +96,8 @@ def build_config(args, ckpt: dict | None = None, init: InitSource | None = None)
     "Defaults ← YAML ← command line (← `init`'s shape) for a new run; checkpoint ← allowed overrides for a resumed one."
     if ckpt is None:
         base = load_config(args.config) if args.config else TrainingConfig()
-        config = apply_dials(base, cli_overrides(args))
+        ov, args.budget_probe = budget_probe(base, cli_overrides(args), init)   # a step fits; auto decided
+        config = apply_dials(base, ov)
         if init is None: return config
         return init_config(config, init, read_config_file(args.config) if args.config else {}, cli_overrides(args))
     try: saved = TrainingConfig.from_dict(ckpt['config'], source=f"{ckpt['path']} (config)")
@@ -315,7 +317,7 @@ class TrainSession:
             if dist.is_main:
                 lock.acquire()
                 if args.overwrite: clear_run(config.out_dir)
-            self.trainer = trainer
+            self.trainer, trainer.budget_probe = trainer, getattr(args, 'budget_probe', None)
             trainer.fit(train_dl)
             if dist.enabled: torch.distributed.barrier()   # the other ranks wait until rank 0 has saved and logged
         except Exception as e:
