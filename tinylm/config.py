@@ -182,8 +182,9 @@ def _check_type(name, value, t):
           isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
           isinstance(value, t))
     if not ok:
-        auto = " (auto: only as --depth auto, for a new run with --time-budget)" if (name, value) == ('depth', 'auto') else ''
-        raise ConfigError(f"config field '{name}' expects {t.__name__}, got {type(value).__name__} {brief(value)}{auto}")
+        auto = " (auto: only as --depth auto, for a new run with --time-budget)" if value == 'auto' else ''
+        raise ConfigError(f"config field '{name}' expects {t.__name__}, got {type(value).__name__} {brief(value)}"
+                          + (auto if name == 'depth' else ''))
 
 def _unknown_key_message(key, names, source='config'):
     close = difflib.get_close_matches(str(key)[:100], names, n=1, cutoff=0.6)
