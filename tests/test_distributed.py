@@ -237,3 +237,18 @@ def test_every_rank_resumes_its_own_random_stream(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'computed by 2 process(es), this run has 1' in r.stdout
     assert records(one)[0]['world_size_saved'] == 2 and sorted(losses(one)) == [11, 12, 13, 14]
+
+
+def test_a_time_budget_under_torchrun_is_one_decision_that_every_rank_keeps(tmp_path):
+    out = tmp_path / 'budget'
+    p = torchrun(['--time-budget', '3s', '--out-dir', str(out), *TINY])
+    assert p.returncode == 0, p.stderr[-3000:]       # a rank that decided differently would hang in DDP's all-reduce
+    recs = records(out)
+    decided = [r for r in recs if r['event'] == 'time_budget']
+    assert len(decided) == 1 and decided[0]['step'] == 10
+    steps = [r['step'] for r in recs if r['event'] == 'step']
+    assert steps == list(range(1, decided[0]['steps'] + 1))
+    assert [r['status'] for r in recs if r['event'] == 'run_end'] == ['completed']
+    p = torchrun(['--depth', 'auto', '--time-budget', '1m', '--out-dir', str(tmp_path / 'auto'), *TINY])
+    assert p.returncode != 0 and 'error: [rank 0] --depth auto times one process' in p.stderr
+    assert not (tmp_path / 'auto').exists()
