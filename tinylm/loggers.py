@@ -215,7 +215,7 @@ class JsonlLogger(Hook):
     def after_eval(self, t):
         self.write(t, 'eval', val_loss=t.last_val_loss, val_bpb=t.last_val_bpb,
                    val_bpc=bits_per_char(t.last_val_loss) if t.last_val_bpc is None else t.last_val_bpc,
-                   best_val_loss=t.best_val_loss)
+                   best_val_loss=t.best_val_loss, train_s=t.train_seconds)   # training time so far: no evals
     def after_sample(self, t): self.write(t, 'sample', sample_text=t.last_sample)
     def after_checkpoint(self, t): self.write(t, 'checkpoint', path=str(t.last_checkpoint))
     def after_fit(self, t):
