@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .config import TinyLMError, TrainingConfig, ConfigError, RECIPES_DIR, parse_duration
 from .model import Transformer
-from .optim import bf16_matmul_is_native, _agreed_dtype, create_optimizer, apply_dials
+from .optim import bf16_matmul_is_native, _agreed_dtype, create_optimizer, apply_dials, block_params
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
 
 # %% auto #0
@@ -22,7 +22,7 @@ __all__ = ['PRECISION_MIN_SPEEDUP', 'PRECISION_MIN_GFLOP', 'LAW_FILE', 'DeviceEr
            'grad_scaler', 'onednn_isa', 'machine_kind', 'describe_kind', 'to_device', 'unwrap_model', 'fork_rng',
            'time_precisions', 'choose_precision', 'resumed_precision', 'compile_model', 'DistInfo', 'dist_env',
            'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'mean_over_ranks', 'agree_on_stop',
-           'step_seconds', 'block_params', 'budget_probe']
+           'step_seconds', 'budget_probe']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError): "The requested device is not available."
@@ -279,10 +279,6 @@ def step_seconds(config: TrainingConfig, vocab_size: int, device, steps: int = 3
                 times.append(time.perf_counter() - t0)
         finally: torch.set_num_threads(threads)
     return statistics.median(times[1:]), model
-
-def block_params(n_layer: int, n_embd: int) -> int:
-    "The parameters of the blocks' matrices, 12 × layers × width² (what the dial's tokens and the law count)."
-    return 12 * n_layer * n_embd ** 2
 
 def budget_probe(base: TrainingConfig, overrides: dict, init=None, law: dict | None = None, max_depth: int = 32):
     """A new run's `overrides` with `depth: auto` replaced by the depth the fitted `law` calls best for the compute

@@ -24,7 +24,7 @@ from .main import build_trainer
 # %% auto #0
 __all__ = ['PHASES', 'CROSSOVER_WIDTHS', 'sync', 'stats', 'Stopwatch', 'matmul_ceiling', 'setup', 'run_steps', 'time_training',
            'step_breakdown', 'peak_memory', 'big_corpus', 'tokenizer_throughput', 'checkpoint_times', 'resume_times',
-           'train_command', 'startup_time', 'write_corpus', 'prepare_times', 'cpu_flags', 'machine_info',
+           'train_command', 'startup_time', 'train_log', 'write_corpus', 'prepare_times', 'cpu_flags', 'machine_info',
            'newton_schulz_times', 'precision_crossover']
 
 # %% ../nbs/17_measure.ipynb #f03e32dd
@@ -229,6 +229,17 @@ def startup_time(config: TrainingConfig, folder, timeout: float = 600, env: dict
     first = next(r for r in recs if r['event'] == 'step' and r['step'] == 1)
     return dict(to_run_start_s=_when(start) - t0, to_first_step_s=_when(first) - t0, total_wall_s=wall,
                 peak_rss_mb=recs[-1].get('peak_rss_mb'))
+
+def train_log(args: list, settings: dict, folder, threads: int = 1) -> list[dict]:
+    """The log records of a `tinylm_train` run with `args` and `--set` `settings` on `threads` threads, run in a
+    scratch folder under `folder` that is deleted afterwards; a failure is a `TinyLMError` quoting its last line."""
+    out = Path(tempfile.mkdtemp(dir=folder)) / 'run'
+    cmd = [*train_command(), *map(str, args), '--out-dir', str(out),
+           *[a for k, v in settings.items() for a in ('--set', f'{k}={v}')]]
+    try:
+        _run(cmd, 'tinylm_train', env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
+        return read_log(out)
+    finally: shutil.rmtree(out.parent, ignore_errors=True)
 
 # %% ../nbs/17_measure.ipynb #099a3ee1
 def write_corpus(path, mb: float, text: str | None = None) -> Path:

@@ -10,9 +10,9 @@ import torch.nn as nn
 from .config import TrainingConfig, TinyLMError, ConfigError, parse_duration
 
 # %% auto #0
-__all__ = ['NS_COEFFICIENTS', 'DIAL_SHAPE', 'BUDGET_HORIZON', 'param_groups', 'create_optimizer', 'ns_schedule', 'orthogonalize',
+__all__ = ['NS_COEFFICIENTS', 'BUDGET_HORIZON', 'param_groups', 'create_optimizer', 'ns_schedule', 'orthogonalize',
            'bf16_matmul_is_native', 'muon_ns_dtype', 'Muon', 'muon_params', 'MuonWithAdamW', 'muon_with_adamw', 'lr_at',
-           'set_lr', 'apply_dials', 'TimeBudget']
+           'set_lr', 'block_params', 'apply_dials', 'TimeBudget']
 
 # %% ../nbs/06_optim.ipynb #10c7ac08
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -254,8 +254,11 @@ def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups: group['lr'] = lr * group.get('lr_scale', 1.0)
 
 # %% ../nbs/06_optim.ipynb #717a2a81
-DIAL_SHAPE = ('n_layer', 'n_head', 'n_embd')   # the shape is the depth's alone
 BUDGET_HORIZON = 10**9                          # the steps of a budgeted run until its speed is measured
+
+def block_params(n_layer: int, n_embd: int) -> int:
+    "The parameters of the blocks' matrices, 12 × layers × width²: what the dial's tokens (and the scaling law) count."
+    return 12 * n_layer * n_embd ** 2
 
 def apply_dials(base: TrainingConfig, overrides: dict | None = None) -> TrainingConfig:
     """`base` (a recipe) with `overrides` (explicit settings) applied; then `depth` sets the shape, batch, learning
@@ -273,7 +276,7 @@ def apply_dials(base: TrainingConfig, overrides: dict | None = None) -> Training
         batch = ov.get('batch_size', max(1, round(base.batch_size * (D / base.n_layer) ** 0.383)))
         rate = math.sqrt(batch / base.batch_size)
         adam = rate * (shape['n_embd'] / base.n_embd) ** -0.5
-        tokens = config.tokens_per_param * 12 * D * shape['n_embd'] ** 2
+        tokens = config.tokens_per_param * block_params(D, shape['n_embd'])
         steps = ov.get('max_steps', math.ceil(tokens / (batch * config.block_size * config.grad_accum_steps)))
         derived = dict(shape, batch_size=batch, learning_rate=base.learning_rate * adam, min_lr=base.min_lr * adam,
                        muon_lr=base.muon_lr * rate, max_steps=steps, lr_decay_steps=steps,

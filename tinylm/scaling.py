@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_scaling.ipynb #d6cae70a
 from __future__ import annotations
-import hashlib, io, json, lzma, os, shutil, subprocess, tarfile, tempfile, zlib
+import hashlib, io, lzma, tarfile, zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,8 @@ import numpy as np
 from .config import TrainingConfig, TinyLMError, load_config
 from .corpus import atomic_write
 from .model import Transformer
-from .optim import apply_dials
-from .device import block_params
-from .measure import train_command
+from .optim import apply_dials, block_params
+from .measure import train_log
 
 # %% auto #0
 __all__ = ['VAL_FRACTION', 'doc_pages', 'docs_corpus', 'dial_rates', 'budget_run', 'parabola_min', 'power_fit']
@@ -78,20 +77,13 @@ def budget_run(over: dict, seconds: float | None, data, folder, seed: int = 1337
                recipe: str = 'modern', val_fraction: float = VAL_FRACTION, steps: int | None = None) -> dict:
     """Train `recipe` with `over` (`--set` values) on `data` for `seconds` of training (`--time-budget`), or else for
     `steps`, and evaluate the whole validation split once at the end: size, steps, FLOPs and val bpb, from its log."""
-    out = Path(tempfile.mkdtemp(dir=folder)) / 'run'
     fixed = dict(eval_batches=0, eval_cadence=10**9, sampling_cadence=0, sample_length=0, checkpoint_cadence=0,
                  progress='none', threads=threads, device='cpu', val_fraction=val_fraction)
-    limit = ['--time-budget', f'{seconds:g}s'] if seconds else ['--max-steps', str(steps)]
-    cmd = [*train_command(), '--config', recipe, '--data', str(data), '--out-dir', str(out), '--seed', str(seed),
-           *limit] + [a for k, v in {**over, **fixed}.items() for a in ('--set', f'{k}={v}')]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
-    try:
-        if p.returncode != 0: raise TinyLMError(f"tinylm_train {' '.join(cmd[1:])} failed: {p.stderr[-500:]}")
-        recs = [json.loads(l) for l in (out / 'train.jsonl').read_text().splitlines()]
-    finally: shutil.rmtree(out.parent, ignore_errors=True)
+    limit = ['--time-budget', f'{seconds:g}s'] if seconds else ['--max-steps', steps]
+    recs = train_log(['--config', recipe, '--data', data, '--seed', seed, *limit], {**over, **fixed}, folder, threads)
     start, budget = recs[0], next((r for r in recs if r['event'] == 'time_budget'), {})
     last = ([None] + [r for r in recs if r['event'] == 'eval'])[-1]
-    if last is None or (seconds and not budget): raise TinyLMError(f"the run ended before it was decided: {cmd}")
+    if last is None or (seconds and not budget): raise TinyLMError(f"a run of {over} ended before it was decided")
     cfg = TrainingConfig(**start['config'])
     fpt, n = Transformer(start['vocab_size'], cfg).flops_per_token(), last['step']
     return dict(depth=cfg.depth, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_params=start['n_params'],

@@ -4,13 +4,13 @@
 
 # %% ../nbs/20_speedrun.ipynb #1cec953e
 from __future__ import annotations
-import argparse, json, os, shutil, statistics, subprocess, tempfile
+import argparse, json, statistics, tempfile
 from pathlib import Path
 
 from .config import TinyLMError, ConfigError
 from .corpus import atomic_write
 from .device import machine_kind, describe_kind
-from .measure import train_command
+from .measure import train_log
 from .cli import CLIParser, run_command, exit_with, say
 
 # %% auto #0
@@ -39,17 +39,10 @@ def speedrun_seed(args: list[str], seed: int, max_steps: int, eval_cadence: int,
                   target: float = TARGET_BPB, threads: int = 2) -> dict:
     """One seed of a speedrun: `tinylm_train` with `args` on the bundled corpus and its 95/5 split, the whole
     validation split evaluated every `eval_cadence` steps; its time to `target` and its last val bpb."""
-    out = Path(tempfile.mkdtemp(dir=folder)) / 'run'
     fixed = dict(eval_batches=0, eval_cadence=eval_cadence, sampling_cadence=0, sample_length=0, checkpoint_cadence=0,
                  progress='none', threads=threads, device='cpu', val_fraction=0.05)
-    cmd = [*train_command(), *args, '--out-dir', str(out), '--seed', str(seed), '--max-steps', str(max_steps),
-           *[a for k, v in fixed.items() for a in ('--set', f'{k}={v}')]]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
-    try:
-        if p.returncode != 0:
-            raise TinyLMError(f"seed {seed}: tinylm_train failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-        evals = [r for l in (out / 'train.jsonl').read_text().splitlines() if (r := json.loads(l))['event'] == 'eval']
-    finally: shutil.rmtree(out.parent, ignore_errors=True)
+    recs = train_log([*args, '--seed', seed, '--max-steps', max_steps], fixed, folder, threads)
+    evals = [r for r in recs if r['event'] == 'eval']
     hit = time_to_target(evals, target)
     return dict(seed=seed, reached=hit is not None, **(hit or {}), final_bpb=evals[-1]['val_bpb'],
                 final_step=evals[-1]['step'], final_s=evals[-1]['train_s'])
