@@ -103,6 +103,11 @@ class TrainingConfig:
     activation: str = 'gelu'         # gelu | gelu_tanh (GPT-2's tanh approximation) | relu2 (a ReLU squared)
     tie_embeddings: bool = True      # the output head shares the token embedding matrix
     zero_init: bool = False          # output projections (and an untied head) start at zero
+    logit_softcap: float = 0.0       # > 0: logits become c * tanh(logits / c), smoothly bounded by c (0: off)
+    value_embeds: bool = False       # a second token table whose rows are added to every layer's attention values
+    x0_skip: bool = False            # every block mixes the embedding output x0 into its input, learned weights
+    smear: bool = False              # each position adds a learned, gated share of the previous token's embedding
+    bigram_buckets: int = 0          # > 0: a table of hashed (previous, current) token pairs joins the embedding
     # -- optimizer and schedule
     optimizer: str = 'adamw'         # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     learning_rate: float = 1e-3      # peak learning rate (AdamW's), reached after warm-up
@@ -117,6 +122,7 @@ class TrainingConfig:
     muon_ns_coefficients: str = 'muon'  # muon (one quintic, every iteration) | polar_express (one per iteration)
     muon_ns_dtype: str = 'auto'      # auto (bfloat16 where its matmul is native, else float32) | float32 | bfloat16
     muon_split_qkv: bool = False     # Muon orthogonalises q, k and v as three matrices, not one
+    normuon: bool = False            # NorMuon: each row of Muon's update divided by its own running RMS
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
     lr_schedule: str = 'cosine'      # cosine | wsd (warm-up, stable, linear decay)
     warmup_steps: int = 100
@@ -212,6 +218,10 @@ def _check_values(c: TrainingConfig):
         need(getattr(c, n) > 0, f"config field '{n}' must be a positive integer, got {getattr(c, n)}")
     need(c.depth >= 0, f"depth must be at least 1 (0: no dial), got {c.depth}")
     need(c.tokens_per_param > 0, f"tokens_per_param must be > 0, got {c.tokens_per_param}")
+    need(math.isfinite(c.logit_softcap) and c.logit_softcap >= 0,
+         f"logit_softcap must be a finite number >= 0 (0: off), got {c.logit_softcap}")
+    need(c.bigram_buckets >= 0, f"bigram_buckets must be >= 0 (0: off), got {c.bigram_buckets}")
+    need(not c.normuon or c.optimizer == 'muon', "normuon: true changes Muon's update; it needs optimizer: muon")
     if c.time_budget: parse_duration(c.time_budget)
     for n in ('warmup_steps', 'eval_cadence', 'eval_batches', 'sampling_cadence', 'sample_length', 'checkpoint_cadence',
               'threads'):
@@ -324,7 +334,8 @@ HASH_EXCLUDED = frozenset({'data_path', 'out_dir', 'progress', 'tensorboard', 'k
                            'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence'})
 # fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
 HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
-                         'muon_split_qkv', 'depth', 'tokens_per_param', 'time_budget'})
+                         'muon_split_qkv', 'depth', 'tokens_per_param', 'time_budget', 'logit_softcap',
+                         'value_embeds', 'x0_skip', 'smear', 'bigram_buckets', 'normuon'})
 
 def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str | None = None) -> str:
     "A short stable hash of the fields that can change what a run computes, and of a non-character vocabulary."

@@ -19,9 +19,9 @@ from .cli import CLIParser, command, say
 from .main import InitSource, InitReader
 
 # %% auto #0
-__all__ = ['HF_EXTRA', 'HF_ACT', 'RMS_EPS', 'ARCHITECTURES', 'main', 'cli', 'INIT_READERS', 'InteropError', 'hf_modules',
-           'architecture', 'name_map', 'hf_config', 'to_hf', 'char_tokenizer_json', 'write_tokenizer', 'read_tokenizer',
-           'export', 'make_parser', 'run', 'shape_of', 'tinylm_state', 'read_hf']
+__all__ = ['HF_EXTRA', 'HF_ACT', 'RMS_EPS', 'SPEEDRUN_OPTIONS', 'ARCHITECTURES', 'main', 'cli', 'INIT_READERS', 'InteropError',
+           'hf_modules', 'architecture', 'name_map', 'hf_config', 'to_hf', 'char_tokenizer_json', 'write_tokenizer',
+           'read_tokenizer', 'export', 'make_parser', 'run', 'shape_of', 'tinylm_state', 'read_hf']
 
 # %% ../nbs/15_interop.ipynb #f81743a8
 class InteropError(TinyLMError, ValueError):
@@ -43,11 +43,15 @@ def hf_modules():
 # %% ../nbs/15_interop.ipynb #c6e5d28f
 HF_ACT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'relu2': 'relu2'}   # tinylm's name -> transformers'
 RMS_EPS = torch.finfo(torch.float32).eps   # what nn.RMSNorm(eps=None) and F.rms_norm use on float32
+SPEEDRUN_OPTIONS = ('logit_softcap', 'value_embeds', 'x0_skip', 'smear', 'bigram_buckets')   # model.ipynb
 ARCHITECTURES = {'gpt2': 'GPT2LMHeadModel', 'apertus': 'ApertusForCausalLM'}
 
 def architecture(config) -> str:
     "`'gpt2'` or `'apertus'`: the transformers architecture that computes exactly what a model of `config` computes."
     c = config
+    extra = [f for f in SPEEDRUN_OPTIONS if getattr(c, f)]
+    if extra: raise InteropError(f"cannot export {', '.join(f'{f}: {getattr(c, f)}' for f in extra)} — no "
+                                 "transformers architecture computes these speedrun options")
     if c.pos_emb == 'learned':
         bad = [o for o, ok in (('norm: rmsnorm', c.norm == 'layernorm'), ('qk_norm: true', not c.qk_norm)) if not ok]
         if bad: raise InteropError(f"cannot export {' and '.join(bad)} with pos_emb: learned — GPT-2, the architecture "

@@ -13,7 +13,7 @@ from .config import TinyLMError
 
 # %% auto #0
 __all__ = ['ModelError', 'rope_tables', 'apply_rope', 'CausalSelfAttention', 'ReLUSquared', 'MLP', 'make_norm', 'Block',
-           'Transformer', 'check_sampling_args', 'KVCache']
+           'bigram_hash', 'Transformer', 'check_sampling_args', 'KVCache']
 
 # %% ../nbs/05_model.ipynb #0f494319
 class ModelError(TinyLMError, ValueError):
@@ -52,13 +52,15 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
+        self.ve_lambda = nn.Parameter(torch.tensor([0.5])) if config.value_embeds else None   # value embeddings' share
 
-    def forward(self, x, cache=None, layer: int = 0):
+    def forward(self, x, cache=None, layer: int = 0, ve=None):
         "`x` (B, T, C); with a `cache` (generation, below), its positions follow the `cache.pos` cached ones."
         B, T, C = x.shape
         hs, start = C // self.n_head, 0 if cache is None else cache.pos
         # (B, T, 3 * n_head, head_size): the heads of q, then of k, then of v; split (not indexed: see below)
         qk, v = self.c_attn(x).view(B, T, 3 * self.n_head, hs).split([2 * self.n_head, self.n_head], dim=2)
+        if ve is not None: v = v + self.ve_lambda * ve.view(B, T, self.n_head, hs)   # value embeddings (B, T, C)
         if self.qk_norm: qk = F.rms_norm(qk, (hs,))
         if self.rope: qk = apply_rope(qk, self.rope_cos, self.rope_sin, start)
         q, k = qk.split(self.n_head, dim=2)
@@ -101,19 +103,25 @@ def make_norm(config) -> nn.Module:
 
 # %% ../nbs/05_model.ipynb #d1ef6998
 class Block(nn.Module):
-    "One transformer layer: x + attn(ln_1(x)), then x + mlp(ln_2(x))."
+    "One transformer layer: x + attn(ln_1(x)), then x + mlp(ln_2(x)); with `x0_skip`, x is first mixed with x0."
     def __init__(self, config):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_skip else None   # starts as x alone
 
-    def forward(self, x, cache=None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer: int = 0, x0=None, ve=None):
+        if self.x0_lambdas is not None: x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        x = x + self.attn(self.ln_1(x), cache, layer, ve)
         return x + self.mlp(self.ln_2(x))
 
 # %% ../nbs/05_model.ipynb #f3cf41f4
+def bigram_hash(prev, cur, buckets: int):
+    "The table row of each (previous, current) token pair: the two ids multiplied by large odd numbers, XORed, modulo."
+    return ((prev * 0x9E3779B1) ^ (cur * 0x85EBCA6B)) % buckets
+
 class Transformer(nn.Module):
     "Decoder-only GPT: token (+ position) embeddings, `n_layer` pre-norm blocks, final norm, (tied) output head."
     def __init__(self, vocab_size: int, config):
@@ -127,7 +135,13 @@ class Transformer(nn.Module):
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
         if config.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one tensor, two roles
+        # the speedrun options (off by default), explained below the class: more tables looked up, and small gates
+        self.value_emb = nn.Embedding(vocab_size, config.n_embd) if config.value_embeds else None
+        self.bigram_emb = nn.Embedding(config.bigram_buckets, config.n_embd) if config.bigram_buckets else None
+        self.smear_gate = nn.Parameter(torch.zeros(min(12, config.n_embd))) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None   # starts with no smear
         self.apply(self._init_weights)
+        if self.bigram_emb is not None: nn.init.zeros_(self.bigram_emb.weight)   # starts adding nothing
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):
@@ -149,20 +163,42 @@ class Transformer(nn.Module):
         if start + T > self.block_size:
             raise ModelError(f"sequence length {start + T} is longer than the model's block_size {self.block_size}; "
                              "crop the input to the last block_size tokens")
-        x = self.tok_emb(idx)
+        x = self._embed(idx, cache)
         if self.pos_emb is not None:   # (T, C) broadcasts over the batch
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks): x = block(x, cache, i)
+        x = x0 = self.drop(x)
+        ve = None if self.value_emb is None else self.value_emb(idx)
+        for i, block in enumerate(self.blocks): x = block(x, cache, i, x0, ve)
         if cache is not None:
             cache.pos += T
-            return self.lm_head(self.ln_f(x[:, -1:])), None   # the other positions predict tokens already there
-        logits = self.lm_head(self.ln_f(x))
+            return self._logits(x[:, -1:]), None   # the other positions predict tokens already there
+        logits = self._logits(x)
         if targets is None: return logits, None
         if targets.shape != idx.shape:
             raise ModelError(f"targets must have the same shape as idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def _logits(self, x):
+        "The head's logits of the residual stream `x`, capped to (-c, c) by c·tanh(logits / c) if `logit_softcap`."
+        logits, cap = self.lm_head(self.ln_f(x)), self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def _embed(self, idx, cache=None):
+        """Token embeddings (B, T, C), plus the bigram and smear terms if asked for. Both need the token before each
+        position: none for a sequence's first, the cache's `last` token where decoding continues."""
+        if self.bigram_emb is None and self.smear_gate is None: return self.tok_emb(idx)
+        prev = cache.last if cache is not None and cache.pos else None
+        if cache is not None: cache.last = idx[:, -1:]
+        ids = idx if prev is None else torch.cat([prev, idx], dim=1)
+        e, n = self.tok_emb(ids), ids.size(1) - idx.size(1)   # n: 1 if the predecessor was put in front
+        extra = 0.0                                            # for the positions ids[:, 1:], which have one
+        if self.bigram_emb is not None:
+            extra = self.bigram_emb(bigram_hash(ids[:, :-1], ids[:, 1:], self.bigram_emb.num_embeddings))
+        if self.smear_gate is not None:
+            gate = torch.sigmoid(e[:, 1:, :self.smear_gate.numel()] @ self.smear_gate)[..., None]
+            extra = extra + self.smear_lambda * gate * e[:, :-1]
+        return torch.cat([e[:, n:1], e[:, 1:] + extra], dim=1)
 
 # %% ../nbs/05_model.ipynb #670b635e
 @patch
@@ -172,6 +208,7 @@ def num_params(self: Transformer, non_embedding: bool = False) -> int:
     if non_embedding:
         if self.pos_emb is not None: n -= self.pos_emb.weight.numel()
         if self.lm_head.weight is not self.tok_emb.weight: n -= self.tok_emb.weight.numel()   # untied: the head counts
+        n -= sum(e.weight.numel() for e in (self.value_emb, self.bigram_emb) if e is not None)
     return n
 
 @patch
@@ -255,6 +292,7 @@ class KVCache:
     "Each layer's keys and values of the `pos` positions seen so far, with room for `size`; allocated on first use."
     def __init__(self, n_layer: int, size: int):
         self.n_layer, self.size, self.pos, self.k, self.v = n_layer, size, 0, None, None
+        self.last = None   # the last token seen (B, 1): the bigram and smear options look one token back
 
     def append(self, layer: int, k, v):
         "Store `k`, `v` (B, n_head, T, head_size) after the cached positions; `layer`'s keys and values so far."
@@ -270,6 +308,7 @@ class KVCache:
     def repeat(self, n: int):
         "Every cached row `n` times: one prompt, prefilled once, continued as `n` samples."
         self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        if self.last is not None: self.last = self.last.repeat_interleave(n, dim=0)
         return self
 
 @patch

@@ -115,7 +115,7 @@ class Muon(torch.optim.Optimizer):
     "Muon for 2-D parameters: Nesterov momentum, then Newton–Schulz orthogonalisation of same-shape matrices together."
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5, ns_coefficients: str = 'muon', ns_dtype=torch.bfloat16,
-                 stack: bool = True):
+                 stack: bool = True, normuon: bool = False, beta2: float = 0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
         shapes = [tuple(p.shape) for g in self.param_groups for p in g['params'] if p.dim() != 2]
         if shapes: raise ValueError(f"Muon takes only 2-D matrices; got parameters of shape {shapes[:3]}")
@@ -125,6 +125,7 @@ class Muon(torch.optim.Optimizer):
                                  "row count")
         ns_schedule(ns_coefficients, ns_steps)          # refuse an unknown set now, not at step 1
         self.ns_steps, self.ns_coefficients, self.ns_dtype, self.stack = ns_steps, ns_coefficients, ns_dtype, stack
+        self.normuon, self.beta2 = normuon, beta2
         self.saved_ns_dtype = None       # after load_state_dict: the dtype the saved state was computed with
 
     def _momentum_update(self, p, group) -> torch.Tensor:
@@ -159,9 +160,19 @@ class Muon(torch.optim.Optimizer):
             params, split = [p for p in group['params'] if p.grad is not None], group.get('split', 1)
             updates = self._orthogonalize_all([self._momentum_update(p, group) for p in params], [split] * len(params))
             for p, u in zip(params, updates):
+                if self.normuon: u = self._per_neuron(p, u)
                 p.mul_(1 - group['lr'] * group['weight_decay'])
                 p.add_(u, alpha=-(group['lr'] * math.sqrt(max(1, p.size(0) / split / p.size(1)))))
         return loss
+
+    def _per_neuron(self, p, u) -> torch.Tensor:
+        """NorMuon (arXiv 2510.05491): each row (output neuron) of the orthogonalised update `u` divided by the root of
+        its running mean square, then scaled back to `u`'s norm: orthogonal overall, even in size neuron by neuron."""
+        state = self.state[p]
+        if 'neuron_second_moment' not in state: state['neuron_second_moment'] = u.new_zeros(u.size(0), 1)
+        v = state['neuron_second_moment'].lerp_(u.square().mean(dim=1, keepdim=True), 1 - self.beta2)
+        n = u / (v.sqrt() + 1e-10)
+        return n * (u.norm() / n.norm().clamp_min(1e-10))
 
     def state_dict(self) -> dict: return {**super().state_dict(), 'ns_dtype': _dtype_name(self.ns_dtype)}
 
@@ -183,7 +194,8 @@ class MuonWithAdamW:
     "Muon for the hidden matrices and AdamW for the rest, stepped, zeroed, saved and restored as one optimizer."
     def __init__(self, muon, adamw):
         self.muon, self.adamw = muon, adamw
-        self.impl = (f"muon ({_dtype_name(muon.ns_dtype)} Newton–Schulz, {muon.ns_steps} x {muon.ns_coefficients}) "
+        self.impl = (f"{'normuon' if muon.normuon else 'muon'} ("
+                     f"{_dtype_name(muon.ns_dtype)} Newton–Schulz, {muon.ns_steps} x {muon.ns_coefficients}) "
                      f"+ {adamw.impl} adamw")
     @property
     def param_groups(self) -> list[dict]: return self.muon.param_groups + self.adamw.param_groups
@@ -229,7 +241,8 @@ def muon_with_adamw(model: nn.Module, groups: list[dict], config: TrainingConfig
         muon_groups.append(dict(params=[p for p in hidden if id(p) in qkv], name='muon_qkv', lr_scale=scale, split=3))
     muon = Muon(muon_groups, lr=config.muon_lr,
                 momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, nesterov=True,
-                ns_steps=config.muon_ns_steps, ns_coefficients=config.muon_ns_coefficients, ns_dtype=dtype)
+                ns_steps=config.muon_ns_steps, ns_coefficients=config.muon_ns_coefficients, ns_dtype=dtype,
+                normuon=config.normuon)
     return MuonWithAdamW(muon, _adamw([g for g in rest if g['params']], config))
 
 # %% ../nbs/06_optim.ipynb #daa18765
