@@ -17,7 +17,7 @@ MODERN = dict(optimizer='muon', pos_emb='rope', norm='rmsnorm', qk_norm='true', 
 
 def test_bundled_recipes_by_name(corpus, tmp_path):
     help_text = run_cli(['--help']).stdout
-    assert 'Bundled recipes (--config NAME): modern, modern_bpe, nanogpt' in help_text
+    assert 'Bundled recipes (--config NAME): modern, modern_bpe, nanogpt, speedrun' in help_text
     out = tmp_path / 'modern'
     p = run_cli(['--config', 'modern', '--data', corpus, '--out-dir', out, '--max-steps', 3,
                  '--set', 'eval_batches=2', '--set', 'sample_length=10', '--set', 'compile=false', '--set', 'threads=1'])
@@ -27,7 +27,7 @@ def test_bundled_recipes_by_name(corpus, tmp_path):
     assert config['max_steps'] == 3 and config['eval_batches'] == 2     # the flags apply on top of the recipe
     p = run_cli(['--config', 'moden', '--data', corpus, '--out-dir', tmp_path / 'x'])
     assert_clean_error(p.returncode, p.stdout, p.stderr, 1, ("'moden' is neither a file nor a bundled recipe",
-                                                              'bundled recipes: modern, modern_bpe, nanogpt'))
+                                                              'bundled recipes: modern, modern_bpe, nanogpt, speedrun'))
 
 
 def test_muon_run_resumes_bit_identically(corpus, tmp_path):
@@ -45,6 +45,27 @@ def test_muon_run_resumes_bit_identically(corpus, tmp_path):
     assert sorted(a) == list(range(1, 13))
     assert {**losses(b1), **losses(b2)} == a, "the resumed Muon run is not the straight run"
 
+
+
+def test_speedrun_options_resume_bit_identically(corpus, tmp_path):
+    "Every speedrun option on (their gates, tables and NorMuon's second moments travel in the checkpoint): 8 == 4 + 4."
+    opts = dict(MODERN, logit_softcap=15.0, value_embeds='true', x0_skip='true', smear='true', bigram_buckets=64,
+                normuon='true')
+    straight = run_cli(['--data', corpus, '--out-dir', tmp_path / 'a', '--max-steps', 8, *tiny_args(**opts)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli(['--data', corpus, '--out-dir', tmp_path / 'b', '--max-steps', 4, *tiny_args(**opts)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    ck = torch.load(tmp_path / 'b' / 'checkpoints' / 'step_000004.pt', weights_only=True)
+    assert {'value_emb.weight', 'bigram_emb.weight', 'smear_gate', 'smear_lambda'} <= set(ck['model'])
+    assert any('neuron_second_moment' in s for s in ck['optimizer']['muon']['state'].values())
+    second = run_cli(['--resume', tmp_path / 'b', '--max-steps', 8])
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = losses(read_jsonl(tmp_path / 'a' / 'train.jsonl'))
+    b1, b2 = segments(read_jsonl(tmp_path / 'b' / 'train.jsonl'))
+    assert sorted(a) == list(range(1, 9)) and {**losses(b1), **losses(b2)} == a
+    plain = run_cli(['--data', corpus, '--out-dir', tmp_path / 'c', '--max-steps', 8, *tiny_args(**MODERN)])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert losses(read_jsonl(tmp_path / 'c' / 'train.jsonl')) != a, "the options changed nothing"
 
 @pytest.mark.slow
 def test_muon_under_torchrun_equals_one_process(corpus, tmp_path):

@@ -294,9 +294,9 @@ def load_yaml(text: str, source: str = 'config'):
 
 # %% ../nbs/00_config.ipynb #4e72057b
 def find_config(path_or_name) -> Path:
-    "The YAML file `--config` names: an existing file, else a bundled recipe by name."
+    "The YAML file `--config` names: an existing file, else a bundled recipe by name (a folder of that name aside)."
     p = Path(path_or_name).expanduser()
-    if p.exists(): return p
+    if p.is_file() or (p.exists() and str(path_or_name) not in bundled_recipes()): return p
     if str(path_or_name) in bundled_recipes(): return RECIPES_DIR / f'{path_or_name}.yaml'
     recipes = f"bundled recipes: {', '.join(bundled_recipes())}"
     if len(p.parts) > 1 or p.suffix.lower() in ('.yaml', '.yml'):   # meant as a file

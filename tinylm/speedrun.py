@@ -4,18 +4,19 @@
 
 # %% ../nbs/20_speedrun.ipynb #1cec953e
 from __future__ import annotations
-import argparse, json, statistics, tempfile
+import argparse, json, math, os, re, shutil, statistics, subprocess, sys, tempfile
 from pathlib import Path
 
-from .config import TinyLMError, ConfigError
+from .config import TinyLMError, ConfigError, BUNDLED_CORPUS, DEFAULT_DATA
 from .corpus import atomic_write
 from .device import machine_kind, describe_kind
 from .measure import train_log
+from .scaling import budget_run
 from .cli import CLIParser, run_command, exit_with, say
 
 # %% auto #0
-__all__ = ['TARGET_BPB', 'time_to_target', 'speedrun_seed', 'speedrun', 'welch_faster', 'read_record', 'leaderboard',
-           'make_parser', 'run', 'cli']
+__all__ = ['TARGET_BPB', 'NANOGPT_BABY', 'time_to_target', 'speedrun_seed', 'speedrun', 'welch_faster', 'against', 'read_record',
+           'leaderboard', 'make_parser', 'run', 'cli', 'nanogpt_log_seconds', 'nanogpt_seconds', 'budget_bpb']
 
 # %% ../nbs/20_speedrun.ipynb #d019c023
 TARGET_BPB = 2.7205   # nanoGPT's baby recipe after 2000 steps, whole-split val: 1.8857 nats per character
@@ -74,6 +75,18 @@ def welch_faster(a: dict, b: dict) -> dict:
                 std_a=statistics.stdev(xa), std_b=statistics.stdev(xb),
                 ratio=statistics.fmean(xa) / statistics.fmean(xb),
                 t=float(t.statistic), p=float(t.pvalue), same_kind=a['machine'] == b['machine'])
+
+# %% ../nbs/20_speedrun.ipynb #2430aeff
+def against(records: list[dict], base: dict, alpha: float = 0.01) -> list[dict]:
+    """Every record compared with `base` by `welch_faster`, fastest first, `adopted` if its p-value is below `alpha`;
+    a record in which some seed missed the target gets `p` None and is never adopted."""
+    rows = []
+    for r in records:
+        if r['name'] == base['name']: continue
+        try: w = welch_faster(r, base)
+        except TinyLMError: w = dict(a=r['name'], b=base['name'], mean_a=r['mean_s'], ratio=None, p=None)
+        rows.append(dict(w, adopted=w['p'] is not None and w['p'] < alpha))
+    return sorted(rows, key=lambda w: (w['p'] is None, w['mean_a'] if w['mean_a'] is not None else 1e18))
 
 # %% ../nbs/20_speedrun.ipynb #10996041
 def read_record(path) -> dict:
@@ -139,3 +152,51 @@ def run(args) -> int:
 def cli():
     "Console-script entry point of `tinylm_speedrun`."
     exit_with(run_command(make_parser(), run))
+
+# %% ../nbs/20_speedrun.ipynb #c664d91c
+_ITER = re.compile(r'^iter (\d+): loss [\d.]+, time ([\d.]+)ms', re.M)
+_STEP = re.compile(r'^step (\d+): train loss [\d.]+, val loss ([\d.]+)', re.M)
+NANOGPT_BABY = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20',
+                '--log_interval=1', '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128',
+                '--dropout=0.0', '--always_save_checkpoint=False']
+
+def nanogpt_log_seconds(log: str, steps: int) -> dict:
+    """The training seconds of `steps` optimizer steps in a nanoGPT log (`log_interval=1`): the iterations' own times
+    without the two that also evaluate (the first and the last), plus their median once; and the last val loss."""
+    ms = {int(m[1]): float(m[2]) for m in _ITER.finditer(log)}
+    if sorted(ms) != list(range(steps + 1)):
+        raise TinyLMError(f"the nanoGPT log has {len(ms)} iterations, not the {steps + 1} (0..{steps}) it should")
+    inner = [ms[i] for i in range(1, steps)]
+    vals = [(int(m[1]), float(m[2])) for m in _STEP.finditer(log)]
+    if not vals or vals[-1][0] != steps: raise TinyLMError(f"the nanoGPT log has no val loss at step {steps}")
+    return dict(steps=steps, seconds=(sum(inner) + statistics.median(inner)) / 1000, median_ms=statistics.median(inner),
+                val_loss=vals[-1][1], val_bpb=vals[-1][1] / math.log(2))   # one character is one byte here
+
+def nanogpt_seconds(repo, steps: int = 2000, threads: int = 2, env: dict | None = None) -> dict:
+    """nanoGPT's baby recipe trained for `steps` from the checkout `repo`, on the bundled corpus, with `env` added to
+    its environment (an AVX2 hold, say): `nanogpt_log_seconds`."""
+    repo = Path(repo)
+    if not (repo / 'train.py').is_file(): raise TinyLMError(f"{repo} is not a nanoGPT checkout (no train.py)")
+    with tempfile.TemporaryDirectory() as d:
+        for name in ('train.py', 'model.py', 'configurator.py', 'config', 'data/shakespeare_char/prepare.py'):
+            (Path(d) / name).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (repo / name).is_dir() else shutil.copy)(repo / name, Path(d) / name)
+        shutil.copy(BUNDLED_CORPUS, Path(d) / 'data/shakespeare_char/input.txt')   # prepare.py then downloads nothing
+        env = {**os.environ, **(env or {}), 'OMP_NUM_THREADS': str(threads)}
+        run = lambda *a: subprocess.run([sys.executable, *a], cwd=d, env=env, capture_output=True, text=True)
+        if (r := run('data/shakespeare_char/prepare.py')).returncode:
+            raise TinyLMError(f"nanoGPT's prepare.py failed: {r.stderr.strip()[-300:]}")
+        r = run('train.py', *NANOGPT_BABY, f'--max_iters={steps}', f'--lr_decay_iters={steps}',
+                f'--eval_interval={steps}', f'--out_dir={d}/out')
+        if r.returncode: raise TinyLMError(f"nanoGPT's train.py failed: {r.stderr.strip()[-300:]}")
+    return nanogpt_log_seconds(r.stdout, steps)
+
+# %% ../nbs/20_speedrun.ipynb #d76508ba
+def budget_bpb(recipe: str, seconds: float, seed: int = 0, threads: int = 2, over: dict | None = None) -> dict:
+    """`recipe` (with `over` as `--set`s) trained for `seconds` on the bundled corpus, its schedule ending there, and
+    the whole validation split evaluated at the end (`scaling.budget_run`): its steps, step time and val bpb."""
+    with tempfile.TemporaryDirectory() as d:
+        r = budget_run(over or {}, seconds, DEFAULT_DATA, d, seed=seed, threads=threads, recipe=recipe,
+                       val_fraction=0.05)
+    return dict(recipe=recipe, seed=seed, seconds=seconds, steps=r['steps'], step_ms=1000 * r['step_s'],
+                val_bpb=r['val_bpb'])
