@@ -168,7 +168,7 @@ class Muon(torch.optim.Optimizer):
     def _per_neuron(self, p, u) -> torch.Tensor:
         """NorMuon (arXiv 2510.05491): each row (output neuron) of the orthogonalised update `u` divided by the root of
         its running mean square, then scaled back to `u`'s norm: orthogonal overall, even in size neuron by neuron."""
-        state = self.state[p]
+        state, u = self.state[p], u.to(p.dtype)   # in the parameter's precision, as a resume restores it
         if 'neuron_second_moment' not in state: state['neuron_second_moment'] = u.new_zeros(u.size(0), 1)
         v = state['neuron_second_moment'].lerp_(u.square().mean(dim=1, keepdim=True), 1 - self.beta2)
         n = u / (v.sqrt() + 1e-10)
