@@ -30,7 +30,8 @@ def memory_bandwidth(mb: int = 256, reps: int = 5, device='cpu') -> float:
     a = torch.ones(mb * 2**20 // 4, device=device)
     b, sw = torch.empty_like(a), Stopwatch(device)
     for _ in range(reps):
-        with sw: b.copy_(a)
+        with sw:
+            b.copy_(a)
     return 2 * a.numel() * a.element_size() / min(sw.times) / 1e9
 
 def decode_bytes(model: Transformer, context: float) -> int:
@@ -39,7 +40,8 @@ def decode_bytes(model: Transformer, context: float) -> int:
     per_position = 2 * model.config.n_layer * model.config.n_embd * next(model.parameters()).element_size()
     return int(weights + per_position * min(context, model.block_size))
 
-def _prompt(model, n: int): return (torch.arange(n, device=next(model.parameters()).device) % model.vocab_size)[None]
+def _prompt(model, n: int):
+    return (torch.arange(n, device=next(model.parameters()).device) % model.vocab_size)[None]
 
 @torch.no_grad()
 def generation_times(model: Transformer, prompt_len: int = 64, new_tokens: int = 256, cache: bool = True,
@@ -49,14 +51,18 @@ def generation_times(model: Transformer, prompt_len: int = 64, new_tokens: int =
     model.eval()
     ids, dev = _prompt(model, prompt_len), next(model.parameters()).device
     sw = Stopwatch(dev)
-    with sw: model(ids[:, -model.block_size:], cache=KVCache(len(model.blocks), model.block_size))
+    with sw:
+        model(ids[:, -model.block_size:], cache=KVCache(len(model.blocks), model.block_size))
     g, times = torch.Generator(device=dev).manual_seed(0), []
     tokens = (model.stream(ids, new_tokens, generator=g, keep=keep) if cache else
               model.stream_uncached(ids, new_tokens, generator=g))
     t = time.perf_counter()
     for _ in tokens:
-        if dev.type == 'cuda': torch.cuda.synchronize(dev)
-        now = time.perf_counter(); times.append(now - t); t = now
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
     decode = times[1:] or times
     res = dict(prompt_len=prompt_len, new_tokens=new_tokens, cache=cache, keep=keep, prefill_s=sw.times[0],
                prefill_tok_s=min(prompt_len, model.block_size) / sw.times[0], tok_s=new_tokens / sum(times),
@@ -75,11 +81,13 @@ def decode_vs_context(model: Transformer, contexts, tokens: int = 4) -> list[dic
     for n in contexts:
         ids, plain, cached = _prompt(model, n), Stopwatch(dev), Stopwatch(dev)
         for _ in range(tokens):
-            with plain: model(ids)
+            with plain:
+                model(ids)
         kv = KVCache(len(model.blocks), model.block_size)
         model(ids[:, :n - tokens], cache=kv)
         for t in range(n - tokens, n):
-            with cached: model(ids[:, t:t + 1], cache=kv)
+            with cached:
+                model(ids[:, t:t + 1], cache=kv)
         rows.append(dict(context=n, plain_ms=statistics.median(plain.times) * 1e3,
                          cache_ms=statistics.median(cached.times) * 1e3))
     return rows
@@ -113,7 +121,8 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
     log(f"tinylm_bench: building the model ({'compiled' if config.compile else 'eager'})...")
     trainer, train_dl = setup(config)
     dev = trainer.device
-    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
     model = unwrap_model(trainer.model)
     res = dict(machine=machine_info(dev), config=config.to_dict(),
                model=dict(n_params=model.num_params(), flops_per_token=model.flops_per_token(),
@@ -135,8 +144,10 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
     for dt in [torch.bfloat16] + ([amp] if amp is not None else []):
         name = str(dt).replace('torch.', '')
         n = min(matmul_n or 512, 512) if emulated and dt == torch.bfloat16 else matmul_n
-        if name not in res['ceiling']: res['ceiling'][name] = matmul_ceiling(n, dtype=dt, device=dev)
-    if config.optimizer == 'muon': res['newton_schulz'] = newton_schulz_times(model, config)
+        if name not in res['ceiling']:
+            res['ceiling'][name] = matmul_ceiling(n, dtype=dt, device=dev)
+    if config.optimizer == 'muon':
+        res['newton_schulz'] = newton_schulz_times(model, config)
     key = str(amp).replace('torch.', '') if amp is not None else 'float32'
     ceiling = res['ceiling'][key]['best_gflops']
     devices = res['training']['world_size']   # each process measured its own device's ceiling
@@ -158,7 +169,8 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
     res['memory']['process_peak_rss_mb'] = peak_memory(dev).get('peak_rss_mb')
     if startup:
         log("tinylm_bench: start-up of tinylm_train (a subprocess)...")
-        with tempfile.TemporaryDirectory(prefix='tinylm_bench_') as d: res['startup'] = startup_time(config, d)
+        with tempfile.TemporaryDirectory(prefix='tinylm_bench_') as d:
+            res['startup'] = startup_time(config, d)
     if prepare_mb:
         log(f"tinylm_bench: preparing a {prepare_mb:,.0f} MB corpus, then starting a run on it...")
         with tempfile.TemporaryDirectory(prefix='tinylm_bench_') as d:
@@ -166,7 +178,8 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
     return res
 
 # %% ../nbs/21_bench.ipynb #4a20449c
-def _ms(s): return f"{s * 1e3:,.1f} ms"
+def _ms(s):
+    return f"{s * 1e3:,.1f} ms"
 
 def _generation_rows(g: dict) -> list:
     "Report rows of `generation_bench`: prefill and decode speed, MBU, and the plain loop's speed beside the cache's."
@@ -176,8 +189,10 @@ def _generation_rows(g: dict) -> list:
                 f"({x['decode_ms_median']:,.1f} ms/token, {x['bytes_per_token'] / 1e6:,.0f} MB read per token, MBU "
                 f"{x['mbu'] * 100:.0f}% of {g['bandwidth_gb_s']:,.0f} GB/s){vs}")
     rows = [(f"generation (this model, {g['new_tokens']} tokens)", row(g['model'], g['model_plain']))]
-    if 'gpt2' in g: rows.append(('generation (GPT-2 124M shape)', row(g['gpt2'])))
-    if 'gpt2_bf16' in g: rows.append(('  bfloat16 weights', row(g['gpt2_bf16'])))
+    if 'gpt2' in g:
+        rows.append(('generation (GPT-2 124M shape)', row(g['gpt2'])))
+    if 'gpt2_bf16' in g:
+        rows.append(('  bfloat16 weights', row(g['gpt2_bf16'])))
     return rows
 
 def format_report(r: dict) -> str:
@@ -223,7 +238,8 @@ def format_report(r: dict) -> str:
                      f"encode {v['encode_first_mb_s']:,.0f} MB/s first, {v['encode_mb_s']:,.0f} "
                      f"repeated | train {v['build_first_mb_s']:,.0f} MB/s first, "
                                                       f"{v['build_mb_s']:,.0f} repeated"))
-    if 'generation' in r: rows += _generation_rows(r['generation'])
+    if 'generation' in r:
+        rows += _generation_rows(r['generation'])
     ck, rs = r['checkpoint'], r['resume']
     rows += [('checkpoint', f"save {_ms(ck['save_s'])} | load {_ms(ck['load_s'])} | rebuild trainer "
                             f"{_ms(ck['restore_s'])} | {ck['size_mb']:.1f} MB"),
@@ -287,14 +303,17 @@ def bench_config(args) -> TrainingConfig:
     ns = argparse.Namespace(overrides=args.overrides, data=args.data, max_steps=None, out_dir=None, seed=None,
                             device=args.device)
     ov = cli_overrides(ns)
-    if args.threads is not None: ov['threads'] = args.threads
-    if args.compile: ov['compile'] = True
+    if args.threads is not None:
+        ov['threads'] = args.threads
+    if args.compile:
+        ov['compile'] = True
     return apply_dials(base, ov)
 
 def _check_args(args):
     for name, lo in (('steps', 1), ('warmup', 0), ('breakdown_steps', 1), ('generation_tokens', 2)):
         v = getattr(args, name)
-        if v < lo: raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+        if v < lo:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     if not (args.big_corpus_mb > 0 and math.isfinite(args.big_corpus_mb)):
         raise ConfigError(f"--big-corpus-mb must be a number > 0, got {args.big_corpus_mb}")
     if not (args.prepare_mb >= 0 and math.isfinite(args.prepare_mb)):
@@ -313,11 +332,13 @@ def run(args) -> int:
                     startup=not args.skip_startup, matmul_n=args.matmul_n, prepare_mb=args.prepare_mb,
                     generation=args.generation, generation_tokens=args.generation_tokens, log=log)
     say(format_report(res))
-    if args.json: atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=2) + '\n'), mode='w')
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=2) + '\n'), mode='w')
     return 0
 
 main, cli = command(make_parser, run)
 
 # %% ../nbs/21_bench.ipynb #d7c374cd
 #| eval: false
-if __name__ == '__main__': cli()
+if __name__ == '__main__':
+    cli()

@@ -32,7 +32,8 @@ def iter_pieces(chunks, size: int = PIECE_CHARS):
             yield text[start:m.end()]
             start = m.end()
         carry = text[start:]
-    if carry: yield carry
+    if carry:
+        yield carry
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     "`text` cut into pieces by `iter_pieces`."
@@ -41,7 +42,8 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 def safe_end(text: str) -> int:
     "Length of the longest prefix of `text` after which a cut is a word boundary (0 if there is none)."
     m = None
-    for m in _CUT.finditer(text): pass
+    for m in _CUT.finditer(text):
+        pass
     return m.end() if m else 0
 
 def _library():
@@ -59,8 +61,11 @@ def _byte_decoder() -> dict[str, int]:
     visible = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), 256))
     chars, extra = {}, 0
     for b in range(256):
-        if b in visible: chars[chr(b)] = b
-        else: chars[chr(256 + extra)] = b; extra += 1
+        if b in visible:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
     assert set(chars) == set(alphabet), "tokenizers' byte-level alphabet is not GPT-2's"
     return chars
 
@@ -69,12 +74,14 @@ class BPETokenizer(_TokenizerBase):
     kind, _state_key, holds_out = 'bpe', 'json', True
     def __init__(self, json_text: str, source: str = 'the tokenizer state'):
         lib = _library()
-        try: self._tok = lib.Tokenizer.from_str(json_text)
+        try:
+            self._tok = lib.Tokenizer.from_str(json_text)
         except Exception as e:
             raise TokenizerError(f"{source} is not a valid tokenizer.json: {str(e).strip()[:200]}") from None
         self.json, self.source = json_text, source
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        if self.vocab_size < 1: raise TokenizerError(f"{source} has an empty vocabulary")
+        if self.vocab_size < 1:
+            raise TokenizerError(f"{source} has an empty vocabulary")
         self.dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
         self.byte_level = type(self._tok.decoder).__name__ == 'ByteLevel'
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
@@ -82,15 +89,19 @@ class BPETokenizer(_TokenizerBase):
         self.token_bytes = []
         for i in range(self.vocab_size):
             s = self._tok.id_to_token(i)
-            if s is None or s in special: b = b''         # special tokens stand for no text
-            elif table is not None and all(c in table for c in s): b = bytes(table[c] for c in s)
-            else: b = self._tok.decode([i]).encode('utf-8')
+            if s is None or s in special:
+                b = b''         # special tokens stand for no text
+            elif table is not None and all(c in table for c in s):
+                b = bytes(table[c] for c in s)
+            else:
+                b = self._tok.decode([i]).encode('utf-8')
             self.token_bytes.append(b)
 
     @classmethod
     def train(cls, pieces, vocab_size: int | None = None) -> BPETokenizer:
         "A byte-level BPE of `vocab_size` entries trained on the texts `pieces` (see `text_pieces`), or on one text."
-        if isinstance(pieces, str): pieces = text_pieces(pieces)
+        if isinstance(pieces, str):
+            pieces = text_pieces(pieces)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
             raise TokenizerError(f"a byte-level BPE needs at least {MIN_VOCAB} entries (256 bytes and one merge), "
                                  f"got {vocab_size!r}")
@@ -107,9 +118,12 @@ class BPETokenizer(_TokenizerBase):
     def from_file(cls, path) -> BPETokenizer:
         "The tokenizer of a `tokenizer.json` file (or of a folder holding one), as it is."
         p = Path(path).expanduser()
-        if p.is_dir(): p = p / 'tokenizer.json'
-        try: text = p.read_text(encoding='utf-8')
-        except FileNotFoundError: raise TokenizerError(f"tokenizer file not found: {p}") from None
+        if p.is_dir():
+            p = p / 'tokenizer.json'
+        try:
+            text = p.read_text(encoding='utf-8')
+        except FileNotFoundError:
+            raise TokenizerError(f"tokenizer file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise TokenizerError(f"cannot read tokenizer file {p}: {e}") from None
         tok = cls(text, str(p))
@@ -121,28 +135,35 @@ class BPETokenizer(_TokenizerBase):
                                  "exact bytes of any text: train one with --set tokenizer=bpe")
         return tok
 
-    def to_str(self) -> str: return self.json
+    def to_str(self) -> str:
+        return self.json
     def safe_cut(self, text: str) -> int:
         "Where `text` can be cut and its parts encoded apart with the ids of the whole: its last word boundary."
         return safe_end(text)
-    def __repr__(self): return f"BPETokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+    def __repr__(self):
+        return f"BPETokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
 # %% ../nbs/02_tokenization.ipynb #113b0f38
 @patch
 def encode(self: BPETokenizer, text: str, offset: int = 0) -> np.ndarray:
     "Ids of `text` (a 1-D array of `self.dtype`), encoded in parallel over `text_pieces`."
-    if not isinstance(text, str): raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
+    if not isinstance(text, str):
+        raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
     pieces = text_pieces(text)
-    if not pieces: return np.zeros(0, dtype=self.dtype)
-    try: encoded = self._tok.encode_batch(pieces, add_special_tokens=False)
-    except Exception as e: raise TokenizerError(f"cannot encode the text at position {offset}: {e}") from None
+    if not pieces:
+        return np.zeros(0, dtype=self.dtype)
+    try:
+        encoded = self._tok.encode_batch(pieces, add_special_tokens=False)
+    except Exception as e:
+        raise TokenizerError(f"cannot encode the text at position {offset}: {e}") from None
     return np.concatenate([np.asarray(e.ids, dtype=self.dtype) for e in encoded])
 
 @patch
 def decode(self: BPETokenizer, ids) -> str:
     "The text of `ids`; a byte sequence that is not UTF-8 (a cut inside a character) decodes to U+FFFD."
     arr = _as_ids(ids, self.vocab_size, 'tokens')
-    if self.byte_level: return b''.join(self.token_bytes[i] for i in arr.tolist()).decode('utf-8', 'replace')
+    if self.byte_level:
+        return b''.join(self.token_bytes[i] for i in arr.tolist()).decode('utf-8', 'replace')
     return self._tok.decode(arr.tolist(), skip_special_tokens=False)
 
 @patch(as_prop=True)
@@ -197,7 +218,8 @@ class TextCounts:
         n_bytes, n_chars = count_tables(tok)
         self.tables = torch.from_numpy(np.stack([np.ones_like(n_bytes), n_bytes, n_chars]))   # (3, vocab_size)
         self.total = torch.zeros(3, dtype=torch.int64)
-    def add(self, targets: torch.Tensor): self.total += self.tables[:, targets.reshape(-1).cpu()].sum(1)
+    def add(self, targets: torch.Tensor):
+        self.total += self.tables[:, targets.reshape(-1).cpu()].sum(1)
     def all_reduce(self, device):
         "Sum the counts of every process (under `torch.distributed`), on `device` for backends that need it."
         total = self.total.to(device)

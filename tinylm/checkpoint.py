@@ -15,8 +15,10 @@ from .corpus import SaveError, atomic_write
 from .bpe import tokenizer_from_state
 from .model import Transformer
 
-try: import fcntl          # POSIX: advisory file locks
-except ImportError: fcntl = None
+try:
+    import fcntl          # POSIX: advisory file locks
+except ImportError:
+    fcntl = None
 _all_ = ['SaveError', 'atomic_write']   # where they were always imported from
 
 # %% auto #0
@@ -44,7 +46,8 @@ def restore_rng(s: dict):
     state = n['state'].numpy().astype(np.uint32)
     np.random.set_state((n['key'], state, n['pos'], n['has_gauss'], n['cached_gaussian']))
     torch.set_rng_state(s['torch'])
-    if s.get('cuda') and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
+    if s.get('cuda') and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s['cuda'])
 
 # %% ../nbs/08_checkpoint.ipynb #2d58d7a2
 def atomic_save(obj, path) -> Path:
@@ -52,7 +55,8 @@ def atomic_save(obj, path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 # %% ../nbs/08_checkpoint.ipynb #020923ef
-class CheckpointError(TinyLMError, ValueError): "A checkpoint that cannot be used: missing, corrupt, foreign, too new."
+class CheckpointError(TinyLMError, ValueError):
+    "A checkpoint that cannot be used: missing, corrupt, foreign, too new."
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'tinylm-checkpoint', 4
 RESUMABLE_SINCE = 2   # versions from this one on continue exactly (see above)
@@ -62,29 +66,34 @@ _STEP_RE = re.compile(r'^step_(\d+)\.pt$')
 def find_checkpoints(folder) -> list[Path]:
     "The `step_*.pt` files in `folder`, oldest step first."
     folder = Path(folder)
-    if not folder.is_dir(): return []
+    if not folder.is_dir():
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_file()]
     return [p for _, p in sorted(found)]
 
 def resolve_checkpoint(path) -> Path:
     "A checkpoint file from a file path, a `checkpoints/` folder or a run's `out_dir`."
     p = Path(path)
-    if not p.exists(): raise CheckpointError(f"checkpoint not found: {p}")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_dir():
         folder = p / 'checkpoints' if (p / 'checkpoints').is_dir() else p
         latest = folder / 'latest'
         if latest.is_file():
             target = folder / latest.read_text(encoding='utf-8', errors='replace').strip()
-            if target.is_file() and _STEP_RE.match(target.name): return target
+            if target.is_file() and _STEP_RE.match(target.name):
+                return target
         found = find_checkpoints(folder)
-        if not found: raise CheckpointError(f"no checkpoint (step_*.pt) found in {p}")
+        if not found:
+            raise CheckpointError(f"no checkpoint (step_*.pt) found in {p}")
         return found[-1]
     return p
 
 def load_checkpoint(path) -> dict:
     "Load and check a tinylm checkpoint (file or folder) with `weights_only=True`; the result has a `path` key."
     p = resolve_checkpoint(path)
-    if p.stat().st_size == 0: raise CheckpointError(f"{p} is empty (0 bytes): not a usable checkpoint")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty (0 bytes): not a usable checkpoint")
     try:
         ckpt = torch.load(p, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -101,13 +110,15 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{p} has checkpoint format version {v!r}; this tinylm reads versions up to "
                               f"{CHECKPOINT_VERSION} (was it written by a newer tinylm?)")
     missing = [k for k in _REQUIRED if k not in ckpt]
-    if missing: raise CheckpointError(f"{p} is incomplete: missing {', '.join(missing)}")
+    if missing:
+        raise CheckpointError(f"{p} is incomplete: missing {', '.join(missing)}")
     ckpt['path'] = str(p)
     return ckpt
 
 def scaler_state(ckpt: dict, scaled: bool) -> dict | None:
     "The saved loss scale of a run that scales its loss (float16); a float16 checkpoint without one is refused."
-    if not scaled: return None
+    if not scaled:
+        return None
     if ckpt.get('scaler') is None:
         raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')} was trained in float16 without a loss scale "
                               "(float16 runs of tinylm before 0.3 had none), so it cannot continue as a float16 run "
@@ -136,15 +147,18 @@ def model_from_checkpoint(ckpt: dict, config: TrainingConfig | None = None):
         tok = tokenizer_from_state(ckpt['tokenizer'])
         with torch.random.fork_rng(devices=[]):   # the random init is overwritten: leave the global RNG alone
             model = Transformer(tok.vocab_size, config)
-    except TinyLMError as e: raise CheckpointError(f"{where}: {e}") from None
-    try: model.load_state_dict(ckpt['model'])
+    except TinyLMError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    try:
+        model.load_state_dict(ckpt['model'])
     except (RuntimeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
                               f"{str(e).strip().splitlines()[0][:200]}") from None
     return model, tok, config
 
 # %% ../nbs/08_checkpoint.ipynb #a2d32827
-class RunBusy(TinyLMError): "The run folder is in use by another tinylm process."
+class RunBusy(TinyLMError):
+    "The run folder is in use by another tinylm process."
 
 class RunLock:
     "An exclusive advisory lock on a run folder, held by the one process training into it; the OS drops it at its end."
@@ -160,18 +174,24 @@ class RunLock:
 
     def check(self):
         "Raise `RunBusy` if another process holds the lock; creates nothing."
-        if fcntl is None or not self.path.is_file() or self.fd is not None: return
-        try: fd = os.open(self.path, os.O_RDONLY)
-        except OSError: return
+        if fcntl is None or not self.path.is_file() or self.fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fd, fcntl.LOCK_UN)
-        except BlockingIOError: raise self._busy(fd) from None
-        finally: os.close(fd)
+        except BlockingIOError:
+            raise self._busy(fd) from None
+        finally:
+            os.close(fd)
 
     def acquire(self) -> RunLock:
         "Take the lock (creating the folder and `.lock`) or raise `RunBusy`; returns self."
-        if self.fd is not None: return self
+        if self.fd is not None:
+            return self
         if fcntl is None:
             print("note: this platform has no flock: tinylm cannot stop another run from writing into "
                   f"{self.out_dir} at the same time", file=sys.stderr)
@@ -179,19 +199,25 @@ class RunLock:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e: raise SaveError(f"cannot create {self.path}: {os_error_cause(e)}") from None
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise SaveError(f"cannot create {self.path}: {os_error_cause(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            busy = self._busy(fd); os.close(fd)
+            busy = self._busy(fd)
+            os.close(fd)
             raise busy from None
-        os.ftruncate(fd, 0); os.write(fd, f"{os.getpid()}\n".encode())
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
 
     def release(self):
         "Give the lock back (the process ending does the same)."
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd); self.fd = None
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 # %% ../nbs/08_checkpoint.ipynb #e233d20e
 EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_sample', 'after_checkpoint', 'after_fit',
@@ -201,8 +227,10 @@ class Hook:
     "Base class for trainer hooks: override any of `EVENTS`; lower `order` runs first."
     order = 50
     @property
-    def name(self): return type(self).__name__
-    def __repr__(self): return self.name
+    def name(self):
+        return type(self).__name__
+    def __repr__(self):
+        return self.name
 
 def hook_name(h) -> str:
     "A hook's name; hooks need not subclass `Hook`."
@@ -218,7 +246,8 @@ def nonfinite_tensors(model: torch.nn.Module, optimizer) -> list[str]:
 
 def gather_rng(world_size: int) -> list | None:
     "Every rank's random states (a collective: every rank calls it at the same step); None for one process."
-    if world_size == 1: return None
+    if world_size == 1:
+        return None
     states = [None] * world_size
     torch.distributed.all_gather_object(states, capture_rng())
     return states
@@ -228,18 +257,23 @@ class Checkpointer(Hook):
     """Save `<out_dir>/checkpoints/step_NNNNNN.pt` on the cadence and at the end; keep the newest `keep_checkpoints`.
     With several processes every rank runs it (each hands over its random states) and the main rank writes."""
     order = 30
-    def __init__(self, folder=None): self.folder = folder
+    def __init__(self, folder=None):
+        self.folder = folder
     def before_fit(self, t):
         self.dir = Path(self.folder) if self.folder else Path(t.config.out_dir) / 'checkpoints'
         self.last_saved = t.step if t.resumed_from else None
     def after_step(self, t):
         c = t.config.checkpoint_cadence
-        if c and t.step % c == 0: self.save(t)
+        if c and t.step % c == 0:
+            self.save(t)
     def after_fit(self, t):
-        if t.status in ('completed', 'interrupted') and t.step != self.last_saved and t.step > 0: self.save(t)
+        if t.status in ('completed', 'interrupted') and t.step != self.last_saved and t.step > 0:
+            self.save(t)
     def save(self, t):
         ranks = gather_rng(t.world_size)
-        if not t.is_main: self.last_saved = t.step; return
+        if not t.is_main:
+            self.last_saved = t.step
+            return
         try:
             path = t.save_checkpoint(self.dir / f'step_{t.step:06d}.pt', rng_ranks=ranks)
             t.last_checkpoint = path   # complete on disk, even if the pointer below cannot be updated
@@ -249,7 +283,8 @@ class Checkpointer(Hook):
             raise SaveError(f"{e}; " + (f"resume from the last good checkpoint with: tinylm_train --resume {good}"
                                         if good else "no checkpoint of this run was saved yet")) from None
         for old in find_checkpoints(self.dir)[:-t.config.keep_checkpoints]:
-            if old != path: old.unlink(missing_ok=True)
+            if old != path:
+                old.unlink(missing_ok=True)
         self.last_saved = t.step
         t.fire('after_checkpoint')
 
@@ -261,8 +296,12 @@ class GracefulStop(Hook):
         self.previous = {}
         for name in self.signals:
             sig = getattr(signal, name, None)   # Windows has no SIGHUP
-            if sig is None: continue
-            try: self.previous[sig] = signal.signal(sig, lambda signum, frame: t.request_stop(signum))
-            except ValueError: pass    # not the main thread: leave signals alone
+            if sig is None:
+                continue
+            try:
+                self.previous[sig] = signal.signal(sig, lambda signum, frame: t.request_stop(signum))
+            except ValueError:
+                pass    # not the main thread: leave signals alone
     def teardown(self, t):
-        for sig, handler in self.previous.items(): signal.signal(sig, handler)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -24,15 +24,20 @@ class CLIParser(argparse.ArgumentParser):
 def int_or(word: str):
     "An `argparse` type: a whole number, or `word` itself (`--depth auto`)."
     def value(text: str):
-        if text == word: return text
-        try: return int(text)
-        except ValueError: raise argparse.ArgumentTypeError(f"expects a whole number or {word}, got {text!r}") from None
+        if text == word:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a whole number or {word}, got {text!r}") from None
     return value
 
 def say(msg: str, file=None):
     "Print `msg` (to stdout by default); if the terminal or pipe is gone, say nothing rather than fail."
-    try: print(msg, file=file or sys.stdout, flush=True)
-    except (OSError, ValueError): pass
+    try:
+        print(msg, file=file or sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
 
 def print_error(msg: str, prefix: str = ''):
     "One `error:` line on stderr."
@@ -40,10 +45,13 @@ def print_error(msg: str, prefix: str = ''):
 
 def report_error(e: BaseException, prefix: str = '') -> int:
     "Report the exception that ended a command as one `error:` line; returns the exit status (1)."
-    if isinstance(e, TinyLMError): msg = str(e)
-    elif isinstance(e, OSError): msg = os_error_cause(e) + (f" ({e.filename})" if getattr(e, 'filename', None) else '')
+    if isinstance(e, TinyLMError):
+        msg = str(e)
+    elif isinstance(e, OSError):
+        msg = os_error_cause(e) + (f" ({e.filename})" if getattr(e, 'filename', None) else '')
     else:
-        if os.environ.get('TINYLM_DEBUG'): traceback.print_exception(e)
+        if os.environ.get('TINYLM_DEBUG'):
+            traceback.print_exception(e)
         text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
         msg = f"unexpected {type(e).__name__}: {text} (TINYLM_DEBUG=1 shows the traceback)"
     print_error(msg, prefix)
@@ -52,36 +60,47 @@ def report_error(e: BaseException, prefix: str = '') -> int:
 # %% ../nbs/11_cli.ipynb #db5340d9
 def _silence(stream):
     "Point `stream` at /dev/null, so that flushing it at exit cannot fail again (the reader is gone)."
-    try: os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-    except (OSError, ValueError, AttributeError): pass
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 def run_command(parser: argparse.ArgumentParser, run, argv=None, prefix='', on_interrupt=None) -> int:
     "Parse `argv` and call `run(args)` under tinylm's conventions; returns the exit status."
-    try: args = parser.parse_args(argv)
-    except SystemExit as e: return e.code if isinstance(e.code, int) else EXIT_OK   # --help, or a usage error
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_OK   # --help, or a usage error
     pre = lambda: prefix() if callable(prefix) else prefix
-    try: return run(args)
+    try:
+        return run(args)
     except KeyboardInterrupt:
         msg = on_interrupt() if on_interrupt else 'interrupted'
-        if msg: print_error(msg, pre())
+        if msg:
+            print_error(msg, pre())
         return EXIT_INTERRUPTED
     except BrokenPipeError:   # the reader went away (`| head`): stop quietly, and don't fail again at exit
         _silence(sys.stdout)
         return EXIT_BROKEN_PIPE
-    except Exception as e: return report_error(e, pre())
+    except Exception as e:
+        return report_error(e, pre())
 
 def exit_with(status: int):
     "End the process with `status`, flushing output first; if the terminal is gone, leave quietly with that status."
     for stream in (sys.stdout, sys.stderr):
-        try: stream.flush()
-        except (OSError, ValueError): _silence(stream)
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            _silence(stream)
     sys.exit(status)
 
 def command(make_parser, run, before=None, **kw):
     "`(main, cli)` of a console script: `main(argv)` returns the exit status, `cli()` (after `before()`) exits with it."
-    def main(argv=None) -> int: return run_command(make_parser(), run, argv, **kw)
+    def main(argv=None) -> int:
+        return run_command(make_parser(), run, argv, **kw)
     def cli():
-        if before is not None: before()
+        if before is not None:
+            before()
         exit_with(main())
     prog = make_parser().prog
     main.__doc__ = f"Run `{prog}` with `argv` (default: the command line); returns the exit status."

@@ -146,7 +146,8 @@ class TrainingConfig:
     tensorboard: bool = False        # also write TensorBoard scalars (needs the optional extra)
 
     def __post_init__(self):
-        for f in fields(self): _check_type(f.name, getattr(self, f.name), _hints()[f.name])
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), _hints()[f.name])
         _check_values(self)
 
     def with_overrides(self, **overrides) -> TrainingConfig:
@@ -160,7 +161,8 @@ class TrainingConfig:
             raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
         for k in d:
-            if k not in names: raise ConfigError(_unknown_key_message(k, names, source))
+            if k not in names:
+                raise ConfigError(_unknown_key_message(k, names, source))
         return cls(**{k: _coerce(v, _hints()[k]) for k, v in d.items()})
 
     def to_dict(self) -> dict:
@@ -171,15 +173,19 @@ class TrainingConfig:
 _HINTS = None
 def _hints():
     global _HINTS
-    if _HINTS is None: _HINTS = typing.get_type_hints(TrainingConfig)
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(TrainingConfig)
     return _HINTS
 
 def _coerce(value, t):
     "Lossless conversions applied to incoming (YAML / command-line) values before type checking."
     if t is float and isinstance(value, str):
-        try: return float(value)
-        except ValueError: pass
-    if t is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     return value
 
 def _check_type(name, value, t):
@@ -212,7 +218,8 @@ def parse_duration(text: str) -> float:
 def _check_values(c: TrainingConfig):
     "Refuse impossible values with a message naming the field, the value and the rule."
     def need(cond, msg):
-        if not cond: raise ConfigError(msg)
+        if not cond:
+            raise ConfigError(msg)
     for n in ('max_steps', 'batch_size', 'grad_accum_steps', 'block_size', 'n_layer', 'n_head', 'n_embd',
               'lr_decay_steps', 'log_cadence', 'keep_checkpoints'):
         need(getattr(c, n) > 0, f"config field '{n}' must be a positive integer, got {getattr(c, n)}")
@@ -222,7 +229,8 @@ def _check_values(c: TrainingConfig):
          f"logit_softcap must be a finite number >= 0 (0: off), got {c.logit_softcap}")
     need(c.bigram_buckets >= 0, f"bigram_buckets must be >= 0 (0: off), got {c.bigram_buckets}")
     need(not c.normuon or c.optimizer == 'muon', "normuon: true changes Muon's update; it needs optimizer: muon")
-    if c.time_budget: parse_duration(c.time_budget)
+    if c.time_budget:
+        parse_duration(c.time_budget)
     for n in ('warmup_steps', 'eval_cadence', 'eval_batches', 'sampling_cadence', 'sample_length', 'checkpoint_cadence',
               'threads'):
         need(getattr(c, n) >= 0, f"config field '{n}' must be >= 0, got {getattr(c, n)}")
@@ -260,7 +268,8 @@ def _check_values(c: TrainingConfig):
              f"config field '{n}' must be one of {', '.join(choices)}; got {brief(getattr(c, n))}")
 
 # %% ../nbs/00_config.ipynb #47fbf4a0
-def _looks_like_path(v: str) -> bool: return v.endswith('.json') or '/' in v or os.sep in v or v.startswith(('.', '~'))
+def _looks_like_path(v: str) -> bool:
+    return v.endswith('.json') or '/' in v or os.sep in v or v.startswith(('.', '~'))
 
 def _tokenizer_message(v: str) -> str:
     close = difflib.get_close_matches(v[:100], ['char', 'bpe'], n=1, cutoff=0.5)
@@ -284,8 +293,10 @@ def load_yaml(text: str, source: str = 'config'):
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{source}: {len(text):,} characters is far too long for a config "
                           f"(at most {MAX_YAML_BYTES:,})")
-    try: return yaml.load(text, Loader=_NoAliasLoader)
-    except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ''
@@ -296,8 +307,10 @@ def load_yaml(text: str, source: str = 'config'):
 def find_config(path_or_name) -> Path:
     "The YAML file `--config` names: an existing file, else a bundled recipe by name (a folder of that name aside)."
     p = Path(path_or_name).expanduser()
-    if p.is_file() or (p.exists() and str(path_or_name) not in bundled_recipes()): return p
-    if str(path_or_name) in bundled_recipes(): return RECIPES_DIR / f'{path_or_name}.yaml'
+    if p.is_file() or (p.exists() and str(path_or_name) not in bundled_recipes()):
+        return p
+    if str(path_or_name) in bundled_recipes():
+        return RECIPES_DIR / f'{path_or_name}.yaml'
     recipes = f"bundled recipes: {', '.join(bundled_recipes())}"
     if len(p.parts) > 1 or p.suffix.lower() in ('.yaml', '.yml'):   # meant as a file
         raise ConfigError(f"config file not found: {brief(str(p))[1:-1]} ({recipes})")
@@ -306,16 +319,20 @@ def find_config(path_or_name) -> Path:
 def read_config_file(path_or_name) -> dict:
     "The fields a YAML config file (or bundled recipe) sets, as a plain dict (not yet validated)."
     p = find_config(path_or_name)
-    if p.is_dir(): raise ConfigError(f"config path is a directory, not a YAML file: {p}")
+    if p.is_dir():
+        raise ConfigError(f"config path is a directory, not a YAML file: {p}")
     try:
         if p.stat().st_size > MAX_YAML_BYTES:
             raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is far too long for a config "
                               f"(at most {MAX_YAML_BYTES:,})")
         text = p.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e: raise ConfigError(f"{p}: not valid UTF-8 text (byte offset {e.start})") from None
-    except OSError as e: raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not valid UTF-8 text (byte offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     d = load_yaml(text, str(p))
-    if d is None: return {}
+    if d is None:
+        return {}
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of field names to values (like 'n_layer: 4'), "
                           f"got a {type(d).__name__}")
@@ -324,7 +341,8 @@ def read_config_file(path_or_name) -> dict:
 def load_config(path_or_name, base: TrainingConfig | None = None) -> TrainingConfig:
     "Read a YAML config file (or bundled recipe) and apply it over `base` (default: the defaults)."
     d, src = read_config_file(path_or_name), str(find_config(path_or_name))
-    try: return TrainingConfig.from_dict({**asdict(base or TrainingConfig()), **d}, source=src)
+    try:
+        return TrainingConfig.from_dict({**asdict(base or TrainingConfig()), **d}, source=src)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(src) else f"{src}: {msg}") from None
@@ -342,7 +360,9 @@ def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str 
     defaults = TrainingConfig()
     d = {k: v for k, v in asdict(config).items()
          if k not in HASH_EXCLUDED and not (k in HASH_IF_SET and v == getattr(defaults, k))}
-    if d.get('tokenizer') not in (None, 'char', 'bpe'): d['tokenizer'] = 'file'   # where the file is does not count
-    if tokenizer_sha256 and config.tokenizer != 'char': d['tokenizer_sha256'] = tokenizer_sha256   # what it holds does
+    if d.get('tokenizer') not in (None, 'char', 'bpe'):
+        d['tokenizer'] = 'file'   # where the file is does not count
+    if tokenizer_sha256 and config.tokenizer != 'char':
+        d['tokenizer_sha256'] = tokenizer_sha256   # what it holds does
     canon = json.dumps(d, sort_keys=True, separators=(',', ':'), allow_nan=False)
     return hashlib.sha256(canon.encode('utf-8')).hexdigest()[:length]

@@ -29,13 +29,17 @@ CHUNK_BYTES = 1 << 24             # 16 MiB of bytes per chunk: memory stays boun
 
 def corpus_files(path=None) -> list[Path]:
     "The files of the corpus at `path` (a file, a folder of `*.txt` files, or `bundled:NAME`; default: bundled)."
-    if path is None: p = DEFAULT_CORPUS
-    else: p = resolve_data_path(path) if isinstance(path, str) else Path(path).expanduser()
+    if path is None:
+        p = DEFAULT_CORPUS
+    else:
+        p = resolve_data_path(path) if isinstance(path, str) else Path(path).expanduser()
     if p.is_dir():
         files = sorted((q for q in p.glob('*.txt') if q.is_file()), key=lambda q: q.name)
-        if not files: raise DataError(f"data folder {p} holds no *.txt files")
+        if not files:
+            raise DataError(f"data folder {p} holds no *.txt files")
         return files
-    if not p.exists(): raise DataError(f"data file not found: {p}")
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
     return [p]
 
 def _cut(data: bytes) -> int:
@@ -49,32 +53,44 @@ def _cut(data: bytes) -> int:
 
 def _read_file(f: Path, chunk_bytes: int):
     "Yield `(raw bytes, decoded text)` pieces of file `f`, strictly decoded; errors name the file and byte offset."
-    try: fh = f.open('rb')
-    except IsADirectoryError: raise DataError(f"data path is a directory, not a text file: {f}") from None
-    except OSError as e: raise DataError(f"cannot read data file {f}: {os_error_cause(e)}") from None
+    try:
+        fh = f.open('rb')
+    except IsADirectoryError:
+        raise DataError(f"data path is a directory, not a text file: {f}") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {f}: {os_error_cause(e)}") from None
     with fh:
         offset, carry = 0, b''
         while True:
-            try: block = fh.read(chunk_bytes)
-            except OSError as e: raise DataError(f"cannot read data file {f}: {os_error_cause(e)}") from None
+            try:
+                block = fh.read(chunk_bytes)
+            except OSError as e:
+                raise DataError(f"cannot read data file {f}: {os_error_cause(e)}") from None
             data = carry + block
-            if not data: return
+            if not data:
+                return
             n = _cut(data) if block else len(data)
-            if n == 0: carry = data; continue        # not one whole character yet: read on
-            try: text = data[:n].decode('utf-8')
+            if n == 0:
+                carry = data
+                continue        # not one whole character yet: read on
+            try:
+                text = data[:n].decode('utf-8')
             except UnicodeDecodeError as e:
                 raise DataError(f"{f} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {offset + e.start} "
                                 "(tinylm reads text files as UTF-8; convert the file, e.g. with iconv)") from None
             yield data[:n], text
             offset, carry = offset + n, data[n:]
-            if not block: return
+            if not block:
+                return
 
 class CorpusReader:
     "The text of `files` as one stream of decoded chunks; counts the characters and hashes the bytes as it reads."
     def __init__(self, files, chunk_bytes: int | None = None):
         self.files, self.chunk_bytes = [Path(f) for f in files], chunk_bytes or CHUNK_BYTES
-        try: self.n_bytes = sum(f.stat().st_size for f in self.files)
-        except OSError as e: raise DataError(f"cannot read data file {e.filename}: {os_error_cause(e)}") from None
+        try:
+            self.n_bytes = sum(f.stat().st_size for f in self.files)
+        except OSError as e:
+            raise DataError(f"cannot read data file {e.filename}: {os_error_cause(e)}") from None
 
     def chunks(self, sha256: bool = True):
         "Yield the corpus as decoded strings; then `n_chars`, `bytes_read`, `sha256` (None unless asked) describe it."
@@ -82,11 +98,15 @@ class CorpusReader:
         for i, f in enumerate(self.files):
             last = ''
             for raw, text in _read_file(f, self.chunk_bytes):
-                if sha: sha.update(raw)
-                self.bytes_read += len(raw); self.n_chars += len(text); last = text[-1]
+                if sha:
+                    sha.update(raw)
+                self.bytes_read += len(raw)
+                self.n_chars += len(text)
+                last = text[-1]
                 yield text
             if last and last != '\n' and i < len(self.files) - 1:   # keep files apart: one newline between
-                if sha: sha.update(b'\n')
+                if sha:
+                    sha.update(b'\n')
                 self.n_chars += 1
                 yield '\n'
         if self.n_chars == 0:
@@ -105,15 +125,22 @@ def text_sha256(text: str) -> str:
 # %% ../nbs/03_corpus.ipynb #ba059c80
 class SaveError(TinyLMError):
     "A file (checkpoint, pointer, plot, token file) could not be written: the message names the file and the cause."
-    def __init__(self, msg: str, cause: OSError | None = None): super().__init__(msg); self.cause = cause
+    def __init__(self, msg: str, cause: OSError | None = None):
+        super().__init__(msg)
+        self.cause = cause
 
 class _Guarded:
     "A file object that remembers the first `OSError` of a write (torch.save turns it into an opaque RuntimeError)."
-    def __init__(self, f): self.f, self.error = f, None
+    def __init__(self, f):
+        self.f, self.error = f, None
     def write(self, b):
-        try: return self.f.write(b)
-        except OSError as e: self.error = self.error or e; raise
-    def __getattr__(self, name): return getattr(self.f, name)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 def temp_name(path) -> Path:
     "A temporary name next to `path`, unique across hosts and processes: host, pid and 64 random bits."
@@ -123,9 +150,12 @@ def temp_name(path) -> Path:
 def _fsync_dir(d: Path):
     try:
         fd = os.open(d, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass   # some file systems (and Windows) cannot fsync a directory
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass   # some file systems (and Windows) cannot fsync a directory
 
 def atomic_write(path, write_fn, mode: str = 'wb', drop_cache: bool = False) -> Path:
     """Call `write_fn(file)` on a temporary file next to `path`, fsync, then atomically rename it onto `path`.
@@ -137,13 +167,18 @@ def atomic_write(path, write_fn, mode: str = 'wb', drop_cache: bool = False) -> 
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)  # umask applies
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
             g = _Guarded(f)
-            write_fn(g); f.flush(); os.fsync(f.fileno())
-            if drop_cache and hasattr(os, 'posix_fadvise'): os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            write_fn(g)
+            f.flush()
+            os.fsync(f.fileno())
+            if drop_cache and hasattr(os, 'posix_fadvise'):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(tmp, path)
     except BaseException as e:
-        if tmp is not None: tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         cause = g.error if g is not None and g.error is not None else e
-        if isinstance(cause, OSError): raise SaveError(f"cannot write {path}: {os_error_cause(cause)}", cause) from None
+        if isinstance(cause, OSError):
+            raise SaveError(f"cannot write {path}: {os_error_cause(cause)}", cause) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -151,14 +186,17 @@ def atomic_write(path, write_fn, mode: str = 'wb', drop_cache: bool = False) -> 
 # %% ../nbs/03_corpus.ipynb #38f5413b
 def cache_dir() -> Path:
     "Where prepared corpora go: `$TINYLM_CACHE_DIR`, else `$XDG_CACHE_HOME/tinylm`, else `~/.cache/tinylm`."
-    if os.environ.get('TINYLM_CACHE_DIR'): return Path(os.environ['TINYLM_CACHE_DIR']).expanduser()
+    if os.environ.get('TINYLM_CACHE_DIR'):
+        return Path(os.environ['TINYLM_CACHE_DIR']).expanduser()
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'tinylm'
 
 def cache_min_bytes() -> int:
     "Corpora of at least this many bytes are prepared into the cache (`$TINYLM_CACHE_MIN_MB`, default 32)."
     v = os.environ.get('TINYLM_CACHE_MIN_MB', '32')
-    try: return int(float(v) * 2**20)
-    except ValueError: raise DataError(f"TINYLM_CACHE_MIN_MB must be a number of megabytes, got {brief(v)}") from None
+    try:
+        return int(float(v) * 2**20)
+    except ValueError:
+        raise DataError(f"TINYLM_CACHE_MIN_MB must be a number of megabytes, got {brief(v)}") from None
 
 @dataclass
 class Corpus:
@@ -169,7 +207,8 @@ class Corpus:
     source: str
     prepared: Path | None = None     # the token file, when the ids are memory-mapped
     split_at: int | None = None      # BPE: the first validation token (the two parts are encoded apart)
-    def __len__(self): return len(self.ids)
+    def __len__(self):
+        return len(self.ids)
     def __repr__(self):
         where = f"memory-mapped from {self.prepared.name}" if self.prepared else 'in memory'
         return (f"Corpus({Path(self.source).name!r}, {len(self):,} tokens, {self.tokenizer.kind} vocab "
@@ -184,17 +223,24 @@ def _entry(files, root: Path) -> Path:
     return root / f"{digest(paths)}-{digest(ident)}"
 
 def _read_json(path: Path):
-    try: return json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError): return None
+    try:
+        return json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return None
 
-def _write_text(path: Path, text: str): atomic_write(path, lambda f: f.write(text), mode='w')
-def _write_json(path: Path, obj): _write_text(path, json.dumps(obj))
+def _write_text(path: Path, text: str):
+    atomic_write(path, lambda f: f.write(text), mode='w')
+def _write_json(path: Path, obj):
+    _write_text(path, json.dumps(obj))
 
-def _vocab_key(tok) -> str: return tok.sha256[:16]
+def _vocab_key(tok) -> str:
+    return tok.sha256[:16]
 
 def _encode(tok: Tokenizer, text: str, offset: int, source: str):
-    try: return tok.encode(text, offset)
-    except TokenizerError as e: raise DataError(f"{source}: {e}; the tokenizer cannot encode this corpus") from None
+    try:
+        return tok.encode(text, offset)
+    except TokenizerError as e:
+        raise DataError(f"{source}: {e}; the tokenizer cannot encode this corpus") from None
 
 # %% ../nbs/03_corpus.ipynb #927ca8bd
 def _scan(reader: CorpusReader, progress) -> dict:
@@ -225,7 +271,8 @@ def _write_ids(reader: CorpusReader, tok, cut: int | None, path: Path, progress,
             carry, carry_at = text[end:], start + end
             progress(reader.bytes_read)
         put(carry, carry_at)
-        if cut is not None and state['split_at'] is None: state['split_at'] = state['tokens']
+        if cut is not None and state['split_at'] is None:
+            state['split_at'] = state['tokens']
     atomic_write(path, write, drop_cache=True)      # on disk, and out of the page cache: see below
     _finish_ids(path, tok, state['tokens'], state['split_at'])
 
@@ -237,17 +284,23 @@ def _finish_ids(path: Path, tok, count: int, split_at: int | None = None):
 def _open_ids(path: Path, tok):
     "The memory-mapped ids of a finished token file for `tok`, or None (missing, unfinished or damaged)."
     meta = _read_json(path.with_suffix('.json'))
-    if not meta or meta.get('vocab') != _vocab_key(tok) or meta.get('dtype') != np.dtype(tok.dtype).name: return None
+    if not meta or meta.get('vocab') != _vocab_key(tok) or meta.get('dtype') != np.dtype(tok.dtype).name:
+        return None
     try:
-        if path.stat().st_size != meta['count'] * np.dtype(tok.dtype).itemsize: return None
-        if meta['count'] == 0: return np.empty(0, dtype=tok.dtype)
+        if path.stat().st_size != meta['count'] * np.dtype(tok.dtype).itemsize:
+            return None
+        if meta['count'] == 0:
+            return np.empty(0, dtype=tok.dtype)
         with path.open('rb') as f:   # copy-on-write: the mapping never changes the file
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        if hasattr(m, 'madvise') and hasattr(mmap, 'MADV_RANDOM'): m.madvise(mmap.MADV_RANDOM)   # batches jump around
+        if hasattr(m, 'madvise') and hasattr(mmap, 'MADV_RANDOM'):
+            m.madvise(mmap.MADV_RANDOM)   # batches jump around
         return np.frombuffer(m, dtype=tok.dtype)
-    except (OSError, ValueError, KeyError, TypeError): return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
-def _split_meta(path: Path) -> int | None: return (_read_json(path.with_suffix('.json')) or {}).get('split_at')
+def _split_meta(path: Path) -> int | None:
+    return (_read_json(path.with_suffix('.json')) or {}).get('split_at')
 
 # %% ../nbs/03_corpus.ipynb #5021e3f2
 def train_chars(n_chars: int, val_fraction: float) -> int:
@@ -256,16 +309,20 @@ def train_chars(n_chars: int, val_fraction: float) -> int:
 
 def _encode_parts(tok, text: str, cut: int | None, source: str):
     "The ids of `text`, and with a `cut` the first id of the part after it (the two parts are encoded apart)."
-    if cut is None: return _encode(tok, text, 0, source), None
+    if cut is None:
+        return _encode(tok, text, 0, source), None
     train, val = _encode(tok, text[:cut], 0, source), _encode(tok, text[cut:], cut, source)
     return np.concatenate([train, val]), len(train)
 
 def _trained(cls, reader: CorpusReader, meta: dict, entry: Path, cut: int | None, vocab_size: int, show, source: str):
     "A new tokenizer of class `cls` for a prepared corpus: trained on it, or read back from its cache entry."
-    if cut is None: return cls.train(meta['chars'], vocab_size)     # all of the text: its characters, from pass 1
+    if cut is None:
+        return cls.train(meta['chars'], vocab_size)     # all of the text: its characters, from pass 1
     saved = entry / f"{cls.kind}-{vocab_size}-{cut}.json"
-    try: return cls(saved.read_text(encoding='utf-8'))
-    except (OSError, UnicodeDecodeError, TokenizerError): pass      # not trained yet (or a damaged file)
+    try:
+        return cls(saved.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, TokenizerError):
+        pass      # not trained yet (or a damaged file)
     what = f"sampling {source} for a {vocab_size:,}-entry {cls.kind.upper()}"
     sample = _sample(reader, cut, show(what, reader.n_bytes))
     tok = cls.train(sample, vocab_size)
@@ -291,7 +348,8 @@ def prepare_corpus(path=None, tokenizer=None, progress=None, kind: str = 'char',
     try:
         entry.mkdir(parents=True, exist_ok=True)
         for stale in entry.parent.glob(entry.name.split('-')[0] + '-*'):   # earlier versions of these files
-            if stale != entry: shutil.rmtree(stale, ignore_errors=True)
+            if stale != entry:
+                shutil.rmtree(stale, ignore_errors=True)
         meta = _read_json(entry / 'corpus.json')
         if meta is None:
             meta = _scan(reader, show(f"scanning {source}", reader.n_bytes))
@@ -317,12 +375,14 @@ def _training_chunks(reader: CorpusReader, cut: int, progress):
         yield text[:max(0, cut - pos)]
         pos += len(text)
         progress(reader.bytes_read)
-        if pos >= cut: return
+        if pos >= cut:
+            return
 
 def _sample(reader: CorpusReader, cut: int, progress) -> list[str]:
     "The training part in pieces; beyond `SAMPLE_CHARS` characters, the start of every chunk, in proportion."
     chunks = _training_chunks(reader, cut, progress)
-    if cut <= SAMPLE_CHARS: return list(iter_pieces(chunks))     # all of it: the pieces of the in-memory path
+    if cut <= SAMPLE_CHARS:
+        return list(iter_pieces(chunks))     # all of it: the pieces of the in-memory path
     share, pieces = SAMPLE_CHARS / cut, []
     for text in chunks:
         n = int(len(text) * share)
@@ -338,7 +398,8 @@ def show_progress(description: str, total: int, file=None):
         bar = tqdm(total=total, desc=description, unit='B', unit_scale=True, file=file)
         def update(done):
             bar.update(done - bar.n)
-            if done >= total: bar.close()
+            if done >= total:
+                bar.close()
         return update
     t0, shown = time.perf_counter(), [0]
     def update(done):

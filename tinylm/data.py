@@ -30,9 +30,12 @@ def split_corpus(ids, val_fraction: float = 0.05):
 # %% ../nbs/04_data.ipynb #cec4e206
 def _compact_dtype(max_id: int) -> torch.dtype:
     "The smallest torch integer dtype that holds ids `0..max_id`."
-    if max_id < 256: return torch.uint8
-    if max_id < 32768: return torch.int16
-    if max_id < 2**31: return torch.int32
+    if max_id < 256:
+        return torch.uint8
+    if max_id < 32768:
+        return torch.int16
+    if max_id < 2**31:
+        return torch.int32
     raise DataError(f"token id {max_id} is too large (ids must be below 2**31)")
 
 def _check_int(name, v, lo=None, hi=None):
@@ -46,17 +49,22 @@ def _check_int(name, v, lo=None, hi=None):
 
 def _as_tensor(ids, name: str) -> torch.Tensor:
     "`ids` (tensor, numpy array or list) as a 1-D integer tensor, sharing memory where it can."
-    if isinstance(ids, torch.Tensor): t = ids.detach().cpu()
+    if isinstance(ids, torch.Tensor):
+        t = ids.detach().cpu()
     else:
         arr = np.asarray(ids)
-        if arr.size == 0: arr = arr.astype(np.int64)
-        if arr.dtype.kind not in 'iu': raise DataError(f"the {name} split must hold integer token ids, got {arr.dtype}")
-        if arr.dtype.kind == 'u' and arr.itemsize > 2: arr = arr.astype(np.int64)   # uint16 (BPE files) stays
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        if arr.dtype.kind not in 'iu':
+            raise DataError(f"the {name} split must hold integer token ids, got {arr.dtype}")
+        if arr.dtype.kind == 'u' and arr.itemsize > 2:
+            arr = arr.astype(np.int64)   # uint16 (BPE files) stays
         shareable = arr.flags.writeable and arr.flags.c_contiguous
         t = torch.from_numpy(arr if shareable else np.ascontiguousarray(arr).copy())
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise DataError(f"the {name} split must hold integer token ids, got {t.dtype}")
-    if t.ndim != 1: raise DataError(f"the {name} split must be a 1-D sequence of token ids, got shape {tuple(t.shape)}")
+    if t.ndim != 1:
+        raise DataError(f"the {name} split must be a 1-D sequence of token ids, got shape {tuple(t.shape)}")
     return t
 
 class WindowDataset(Dataset):
@@ -72,21 +80,28 @@ class WindowDataset(Dataset):
         if vocab_size is None:   # ids of unknown origin: check them, then pick the compact dtype from the largest
             wide = t.to(torch.int32) if t.dtype == torch.uint16 else t   # torch has no min/max for uint16
             lo, hi = int(wide.min()), int(wide.max())
-            if lo < 0: raise DataError(f"the {name} split contains a negative token id ({lo})")
-        else: hi = _check_int('vocab_size', vocab_size, 1) - 1
+            if lo < 0:
+                raise DataError(f"the {name} split contains a negative token id ({lo})")
+        else:
+            hi = _check_int('vocab_size', vocab_size, 1) - 1
         dtype = _compact_dtype(hi)
         if t.dtype == torch.uint16 and t.is_contiguous():   # a memory-mapped BPE file: keep it mapped, never copy
             self.data = t.view(torch.int16) if dtype == torch.int16 else t if hi < 1 << 16 else t.to(dtype)
-        else: self.data = t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()   # one tensor
+        else:
+            self.data = t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()   # one tensor
         self._offsets = torch.arange(need)
 
-    def __len__(self): return len(self.data) - self.block_size
+    def __len__(self):
+        return len(self.data) - self.block_size
 
     def __getitem__(self, i):
         n = len(self)
-        try: i = operator.index(i)
-        except TypeError: raise TypeError(f"window index must be an integer, got {type(i).__name__}") from None
-        if not -n <= i < n: raise IndexError(f"window {i} out of range for the {self.name} split ({n} windows)")
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"window index must be an integer, got {type(i).__name__}") from None
+        if not -n <= i < n:
+            raise IndexError(f"window {i} out of range for the {self.name} split ({n} windows)")
         i %= n
         w = self.data[i:i + self.block_size + 1].long()
         return w[:-1], w[1:]
@@ -94,7 +109,8 @@ class WindowDataset(Dataset):
     def __getitems__(self, indices):
         "A whole batch `(X, Y)`, each int64 of shape `(len(indices), block_size)`, gathered in one go."
         idx = torch.as_tensor(indices, dtype=torch.long)
-        if idx.ndim != 1: raise IndexError(f"batch indices must be 1-D, got shape {tuple(idx.shape)}")
+        if idx.ndim != 1:
+            raise IndexError(f"batch indices must be 1-D, got shape {tuple(idx.shape)}")
         n = len(self)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
             bad = int(idx[(idx < 0) | (idx >= n)][0])
@@ -126,7 +142,8 @@ class KeyedPermutation:
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         left, right = x >> self.half, x & self.mask
-        for k in self.keys: left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
         return (left << self.half) | right
 
     def __call__(self, i) -> np.ndarray:
@@ -171,7 +188,8 @@ class EpochBatchSampler:
     def permutation(self, epoch: int) -> KeyedPermutation:
         "The order of epoch `epoch`: window `permutation(epoch)(i)` is the `i`-th of the epoch."
         epoch = _check_int('epoch', epoch, 0)
-        if self._perm[0] != epoch: self._perm = (epoch, KeyedPermutation(self.n_windows, self.seed * 2**32 + epoch))
+        if self._perm[0] != epoch:
+            self._perm = (epoch, KeyedPermutation(self.n_windows, self.seed * 2**32 + epoch))
         return self._perm[1]
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -194,7 +212,8 @@ class EpochBatchSampler:
             e, p = self.epoch, self.position
             batch = self._batch(e, p)
             p += 1
-            if p == self.batches_per_epoch: e, p = e + 1, 0
+            if p == self.batches_per_epoch:
+                e, p = e + 1, 0
             self.epoch, self.position = e, p   # advance BEFORE yielding: a consumer holding k batches sees k
             yield batch
 
@@ -244,12 +263,15 @@ class EvalBatchSampler:
         if self.n_batches:
             idx = torch.linspace(0, self.n_windows - 1, self.n_batches * self.batch_size, dtype=torch.float64)
             batches = idx.round().long().view(self.n_batches, self.batch_size)
-        else: batches = torch.arange(0, self.n_windows, self.stride).split(self.batch_size)
+        else:
+            batches = torch.arange(0, self.n_windows, self.stride).split(self.batch_size)
         r, w = self.rank, self.world_size
         self.batches = [b[r * len(b) // w:(r + 1) * len(b) // w] for b in batches]   # this rank's slices
 
-    def __iter__(self): return iter(self.batches)
-    def __len__(self): return len(self.batches)
+    def __iter__(self):
+        return iter(self.batches)
+    def __len__(self):
+        return len(self.batches)
     def __repr__(self):
         return (f"EvalBatchSampler(n_windows={self.n_windows:,}, batch_size={self.batch_size}, "
                 f"n_batches={self.n_batches or 'all'}, stride={self.stride}, rank={self.rank}/{self.world_size})")

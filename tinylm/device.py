@@ -25,7 +25,8 @@ __all__ = ['PRECISION_MIN_SPEEDUP', 'PRECISION_MIN_GFLOP', 'LAW_FILE', 'DeviceEr
            'step_seconds', 'budget_probe']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
-class DeviceError(TinyLMError, ValueError): "The requested device is not available."
+class DeviceError(TinyLMError, ValueError):
+    "The requested device is not available."
 
 def pick_device(name: str = 'auto') -> torch.device:
     "Resolve a config `device` string to an available `torch.device` (`auto`: cuda > mps > cpu)."
@@ -46,8 +47,10 @@ def pick_device(name: str = 'auto') -> torch.device:
 
 def autocast_dtype(device: torch.device, precision: str = 'auto'):
     "The autocast dtype for `precision` on `device`, or None for plain fp32 (`auto` unmeasured: bfloat16 on CUDA only)."
-    if precision == 'float32': return None
-    if precision == 'auto': return torch.bfloat16 if device.type == 'cuda' else None
+    if precision == 'float32':
+        return None
+    if precision == 'auto':
+        return torch.bfloat16 if device.type == 'cuda' else None
     return {'bfloat16': torch.bfloat16, 'float16': torch.float16}[precision]
 
 def autocast(device: torch.device, precision: str = 'auto'):
@@ -67,8 +70,10 @@ _ONEDNN_ALIASES = {'avx10_1_512': 'avx512_core_fp16', 'avx10_1_512_amx': 'avx512
 
 def _cpu_flag_set() -> set[str]:
     "The CPU's feature flags from `/proc/cpuinfo` (empty where there is none, as on macOS)."
-    try: text = open('/proc/cpuinfo', encoding='utf-8', errors='replace').read()
-    except OSError: return set()
+    try:
+        text = open('/proc/cpuinfo', encoding='utf-8', errors='replace').read()
+    except OSError:
+        return set()
     lines = (l for l in text.splitlines() if l.startswith(('flags', 'Features')) and ':' in l)
     return {f for line in lines for f in line.split(':', 1)[1].split()}
 
@@ -82,11 +87,13 @@ def onednn_isa(flags: set[str] | None = None, environ=None) -> str | None:
         ('avx512_core_vnni', ('avx512_vnni',)), ('avx512_core', ('avx512f', 'avx512bw', 'avx512vl', 'avx512dq')),
         ('avx2_vnni', ('avx2', 'avx_vnni')), ('avx2', ('avx2',)), ('avx', ('avx',)), ('sse41', ('sse4_1',)))
         if has(*need)), None)
-    if best is None: return None
+    if best is None:
+        return None
     env = os.environ if environ is None else environ
     cap = (env.get('ONEDNN_MAX_CPU_ISA') or env.get('DNNL_MAX_CPU_ISA') or 'all').strip().lower()
     cap = _ONEDNN_ALIASES.get(cap, cap)
-    if cap not in _ONEDNN_ISAS: return best
+    if cap not in _ONEDNN_ISAS:
+        return best
     return _ONEDNN_ISAS[min(_ONEDNN_ISAS.index(best), _ONEDNN_ISAS.index(cap))]
 
 def machine_kind(device: torch.device | str = 'cpu') -> dict:
@@ -102,7 +109,8 @@ def machine_kind(device: torch.device | str = 'cpu') -> dict:
 
 def describe_kind(kind: dict | None) -> str:
     "A machine kind in one line, for messages."
-    if not kind: return 'unknown (written before tinylm recorded it)'
+    if not kind:
+        return 'unknown (written before tinylm recorded it)'
     return ', '.join(f"{k} {v}" for k, v in kind.items())
 
 # %% ../nbs/07_device.ipynb #cc8716c6
@@ -113,9 +121,12 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def unwrap_model(model: nn.Module) -> nn.Module:
     "The plain module under `torch.compile` (`_orig_mod`) and DDP (`module`) wrappers: its keys carry no prefixes."
     while True:
-        if hasattr(model, '_orig_mod'): model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
-        else: return model
+        if hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 def fork_rng(device: torch.device):
     "A context that restores the global random state (CPU, and `device` if CUDA) when it exits."
@@ -132,14 +143,17 @@ def time_precisions(model: nn.Module, batch_size: int, block_size: int, device, 
     x = (torch.arange(batch_size * block_size, device=device) % model.vocab_size).view(batch_size, block_size)
     def step(precision):
         t0 = time.perf_counter()
-        with autocast(device, precision): _, loss = model(x, x)
+        with autocast(device, precision):
+            _, loss = model(x, x)
         loss.backward()
         return time.perf_counter() - t0
     times, grads = {'float32': [], 'bfloat16': []}, [p.grad for p in model.parameters()]
     with fork_rng(device):                 # dropout draws: the run's random stream must not move
         for i in range(rounds + 1):
-            for name in times: times[name].append(step(name))
-    for p, g in zip(model.parameters(), grads): p.grad = g
+            for name in times:
+                times[name].append(step(name))
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
     return {k: round(statistics.median(v[1:]) * 1000, 3) for k, v in times.items()}
 
 def choose_precision(setting: str, model: nn.Module, batch_size: int, block_size: int, device) -> tuple[str, dict]:
@@ -147,11 +161,14 @@ def choose_precision(setting: str, model: nn.Module, batch_size: int, block_size
     bfloat16 only where its matmuls are native and a step, if not too small to gain, measures `PRECISION_MIN_SPEEDUP`
     times faster."""
     device = torch.device(device)
-    if setting != 'auto': return setting, {'decided_by': 'config'}
-    if device.type != 'cpu': return ('bfloat16' if device.type == 'cuda' else 'float32'), {'decided_by': 'device'}
+    if setting != 'auto':
+        return setting, {'decided_by': 'config'}
+    if device.type != 'cpu':
+        return ('bfloat16' if device.type == 'cuda' else 'float32'), {'decided_by': 'device'}
     probe = {'decided_by': 'measurement', 'bf16_native': bf16_matmul_is_native(device)}
     gflop = 6 * sum(p.numel() for p in model.parameters()) * batch_size * block_size / 1e9
-    if gflop < PRECISION_MIN_GFLOP: probe = {'decided_by': 'size', 'step_gflop': round(gflop, 3)}
+    if gflop < PRECISION_MIN_GFLOP:
+        probe = {'decided_by': 'size', 'step_gflop': round(gflop, 3)}
     elif probe['bf16_native']:
         ms = time_precisions(model, batch_size, block_size, device)
         probe.update(float32_ms=ms['float32'], bfloat16_ms=ms['bfloat16'],
@@ -164,9 +181,12 @@ def resumed_precision(ckpt: dict, setting: str, device) -> tuple[str | None, dic
     """The precision a run resumed from `ckpt` keeps for `auto`: the saved choice on the same kind of machine (other
     numbers would follow from another), the old rule for a file from before `auto` measured; `(None, None)`: decide."""
     device = torch.device(device)
-    if setting != 'auto': return None, None
-    if 'precision' not in ckpt: return ('bfloat16' if autocast_dtype(device) else 'float32'), {'decided_by': 'old rule'}
-    if ckpt.get('machine') != machine_kind(device): return None, None
+    if setting != 'auto':
+        return None, None
+    if 'precision' not in ckpt:
+        return ('bfloat16' if autocast_dtype(device) else 'float32'), {'decided_by': 'old rule'}
+    if ckpt.get('machine') != machine_kind(device):
+        return None, None
     return ckpt['precision'], {**(ckpt.get('precision_probe') or {}), 'decided_by': 'checkpoint'}
 
 # %% ../nbs/07_device.ipynb #a45ac81a
@@ -175,7 +195,8 @@ def compile_model(model: nn.Module) -> nn.Module:
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
         tag = f"tinylm-vec-isa={pick_vec_isa() or 'none'}"
-    except Exception: tag = None   # no inductor here: torch.compile will say so itself
+    except Exception:
+        tag = None   # no inductor here: torch.compile will say so itself
     current = torch.compiler.config.cache_key_tag
     if tag and tag not in current.split('|'):
         torch.compiler.config.cache_key_tag = f"{current}|{tag}" if current else tag
@@ -189,18 +210,23 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
     @property
-    def enabled(self) -> bool: return self.world_size > 1
+    def enabled(self) -> bool:
+        return self.world_size > 1
 
 def dist_env(environ=None) -> DistInfo:
     "Read torchrun's `RANK`, `LOCAL_RANK` and `WORLD_SIZE`; a plain launch is rank 0 of 1."
     env = os.environ if environ is None else environ
     def num(k, default):
         v = env.get(k)
-        if v is None or v == '': return default
-        try: return int(v)
-        except ValueError: raise TinyLMError(f"environment variable {k}={v[:40]!r} is not an integer") from None
+        if v is None or v == '':
+            return default
+        try:
+            return int(v)
+        except ValueError:
+            raise TinyLMError(f"environment variable {k}={v[:40]!r} is not an integer") from None
     info = DistInfo(num('RANK', 0), num('LOCAL_RANK', 0), num('WORLD_SIZE', 1))
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
         raise TinyLMError(f"inconsistent torchrun environment: RANK={info.rank}, WORLD_SIZE={info.world_size}")
@@ -209,7 +235,8 @@ def dist_env(environ=None) -> DistInfo:
 # %% ../nbs/07_device.ipynb #a67df63e
 def init_distributed(info: DistInfo, device: torch.device, timeout_s: float | None = None) -> torch.device:
     "Join the torchrun process group (if `info.enabled`); returns this rank's device."
-    if not info.enabled: return device
+    if not info.enabled:
+        return device
     if device.type == 'cuda':
         device = torch.device('cuda', info.local_rank)
         torch.cuda.set_device(device)
@@ -222,20 +249,24 @@ def init_distributed(info: DistInfo, device: torch.device, timeout_s: float | No
 def setup_device(config, info: DistInfo | None = None) -> torch.device:
     "Threads, device, process group and TF32 for a run of `config`; returns this rank's device."
     info = info or DistInfo()
-    if config.threads: torch.set_num_threads(config.threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     check_world_batch(config.batch_size, info.world_size)
     device = init_distributed(info, pick_device(config.device))
     if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
 
 def cleanup_distributed():
     "Leave the process group (safe to call when none was started)."
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
     "Wrap `model` in DistributedDataParallel when running on several processes."
-    if not info.enabled: return model
+    if not info.enabled:
+        return model
     ids = [device.index] if device.type == 'cuda' else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -263,7 +294,8 @@ def step_seconds(config: TrainingConfig, vocab_size: int, device, steps: int = 3
     device, threads = torch.device(device), torch.get_num_threads()
     with fork_rng(device):
         torch.manual_seed(0)
-        if config.threads: torch.set_num_threads(config.threads)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         try:
             model = Transformer(vocab_size, config).to(device)
             opt, times = create_optimizer(model, config), []
@@ -272,12 +304,16 @@ def step_seconds(config: TrainingConfig, vocab_size: int, device, steps: int = 3
             for _ in range(steps + 1):
                 t0 = time.perf_counter()
                 for _ in range(config.grad_accum_steps):
-                    with autocast(device, config.precision): loss = model(x, x)[1]
+                    with autocast(device, config.precision):
+                        loss = model(x, x)[1]
                     loss.backward()
-                opt.step(); opt.zero_grad(set_to_none=True)
-                if device.type == 'cuda': torch.cuda.synchronize(device)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - t0)
-        finally: torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
     return statistics.median(times[1:]), model
 
 def budget_probe(base: TrainingConfig, overrides: dict, init=None, law: dict | None = None, max_depth: int = 32):
@@ -287,37 +323,47 @@ def budget_probe(base: TrainingConfig, overrides: dict, init=None, law: dict | N
     `init`: the weights a run starts from (`--init-from`), whose shape and vocabulary are timed."""
     ov = {k: v for k, v in overrides.items() if k != 'depth' or v != 'auto'}
     c, auto = base.with_overrides(**ov), overrides.get('depth') == 'auto'
-    if auto and init is not None: raise ConfigError("--depth auto picks the size of a new model, and --init-from "
-                                                    "brings weights with their own: drop one of them")
+    if auto and init is not None:
+        raise ConfigError("--depth auto picks the size of a new model, and --init-from "
+                          "brings weights with their own: drop one of them")
     if not c.time_budget:
-        if auto: raise ConfigError("--depth auto needs --time-budget: it picks the size for the time the run trains "
-                                   "(e.g. --depth auto --time-budget 10m)")
+        if auto:
+            raise ConfigError("--depth auto needs --time-budget: it picks the size for the time the run trains "
+                              "(e.g. --depth auto --time-budget 10m)")
         return ov, None
     if dist_env().world_size > 1:   # every process would time itself, all on one device
-        if auto: raise ConfigError("--depth auto times one process: under torchrun, pass the depth it picks alone "
-                                   "(--depth D)")
+        if auto:
+            raise ConfigError("--depth auto times one process: under torchrun, pass the depth it picks alone "
+                              "(--depth D)")
         return ov, None
     budget, device = parse_duration(c.time_budget), pick_device(c.device)
     vocab = init.tokenizer.vocab_size if init else c.bpe_vocab_size if c.tokenizer == 'bpe' else 128   # a guess
     try:
         law = law or (json.loads(LAW_FILE.read_text()) if auto else None)
-        if law: law = dict(law, coef=float(law['coef']), exponent=float(law['exponent']))
+        if law:
+            law = dict(law, coef=float(law['coef']), exponent=float(law['exponent']))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--depth auto needs the fitted law in {LAW_FILE}: {e}") from None
     rows = []
     for depth in range(1, max_depth + 1) if auto else [c.depth]:
         cd = apply_dials(base, {**ov, 'depth': depth} if auto else ov).with_overrides(**(init.fields if init else {}))
-        try: s, model = step_seconds(cd, vocab, device)
+        try:
+            s, model = step_seconds(cd, vocab, device)
         except (MemoryError, torch.OutOfMemoryError):
-            if rows: break
+            if rows:
+                break
             raise ConfigError(f"a training step of this model does not fit in {device}'s memory") from None
-        if s > budget and rows: break   # this depth cannot do one step: the smaller ones are the choice
-        if s > budget: raise ConfigError(f"time_budget {c.time_budget} cannot fit one training step: a step of this "
-                                         f"{'smallest ' if auto else ''}model takes {s:.3g} s here")
+        if s > budget and rows:
+            break   # this depth cannot do one step: the smaller ones are the choice
+        if s > budget:
+            raise ConfigError(f"time_budget {c.time_budget} cannot fit one training step: a step of this "
+                              f"{'smallest ' if auto else ''}model takes {s:.3g} s here")
         row = dict(depth=depth, step_ms=round(s * 1e3, 2), params=block_params(cd.n_layer, cd.n_embd))
-        if not auto: return ov, dict(vocab_size=vocab, **row)
+        if not auto:
+            return ov, dict(vocab_size=vocab, **row)
         row['flops'] = model.flops_per_token() * cd.batch_size * cd.block_size * cd.grad_accum_steps * budget / s
         rows.append(dict(row, law_params=max(1, round(law['coef'] * row['flops'] ** law['exponent']))))
-        if row['params'] >= rows[-1]['law_params']: break
+        if row['params'] >= rows[-1]['law_params']:
+            break
     pick = min(rows, key=lambda r: abs(math.log(r['params'] / r['law_params'])))['depth']
     return {**ov, 'depth': pick}, dict(vocab_size=vocab, law=law, rows=rows, depth=pick)

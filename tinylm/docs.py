@@ -18,14 +18,16 @@ __all__ = ['main', 'cli', 'DocsError', 'find_notebooks', 'split_directives', 'pr
            'build_docs', 'make_parser', 'book_folder', 'run']
 
 # %% ../nbs/22_docs.ipynb #04e21f30
-class DocsError(TinyLMError): "The docs cannot be built: no notebooks folder, no notebooks, missing tools."
+class DocsError(TinyLMError):
+    "The docs cannot be built: no notebooks folder, no notebooks, missing tools."
 
 _NUMBER = re.compile(r'^(\d+)')
 
 def find_notebooks(nbs) -> list[Path]:
     "The notebooks of folder `nbs` in reading order: `index` first, then by number, then by name (skips `_*`, `.*`)."
     nbs = Path(nbs)
-    if not nbs.is_dir(): raise DocsError(f"notebooks folder not found: {nbs}")
+    if not nbs.is_dir():
+        raise DocsError(f"notebooks folder not found: {nbs}")
     def key(p: Path):
         m = _NUMBER.match(p.stem)
         return (p.stem != 'index', m is None, int(m.group(1)) if m else 0, p.name)
@@ -50,19 +52,25 @@ def split_directives(source: str) -> tuple[dict, str]:
 # %% ../nbs/22_docs.ipynb #8cb8e6db
 _HIDDEN = {'hide', 'default_exp'}
 
-def _false(v) -> bool: return str(v).strip().lower() in ('false', 'no', '0')
+def _false(v) -> bool:
+    return str(v).strip().lower() in ('false', 'no', '0')
 
 def prepare_notebook(nb):
     "A copy of `nb` with directives turned into nbclient/nbconvert tags and stripped from the code shown."
     nb = copy.deepcopy(nb)
     for cell in nb.cells:
-        if cell.cell_type != 'code': continue
+        if cell.cell_type != 'code':
+            continue
         d, code = split_directives(cell.source)
         tags = set(cell.metadata.get('tags', []))
-        if _false(d.get('eval', 'true')): tags.add('skip-execution')
-        if _HIDDEN & d.keys() or _false(d.get('include', 'true')): tags.add('remove_cell')
-        if _false(d.get('echo', 'true')): tags.add('remove_input')
-        if _false(d.get('output', 'true')): tags.add('remove_output')
+        if _false(d.get('eval', 'true')):
+            tags.add('skip-execution')
+        if _HIDDEN & d.keys() or _false(d.get('include', 'true')):
+            tags.add('remove_cell')
+        if _false(d.get('echo', 'true')):
+            tags.add('remove_input')
+        if _false(d.get('output', 'true')):
+            tags.add('remove_output')
         cell.metadata['tags'] = sorted(tags)
         cell.source = code
     return nb
@@ -75,8 +83,10 @@ def _front_matter(nb) -> dict:
     for cell in nb.cells:
         if cell.cell_type == 'raw' and cell.source.lstrip().startswith('---'):
             body = cell.source.strip().strip('-')
-            try: fm = yaml.safe_load(body)
-            except yaml.YAMLError: return {}
+            try:
+                fm = yaml.safe_load(body)
+            except yaml.YAMLError:
+                return {}
             return fm if isinstance(fm, dict) else {}
     return {}
 
@@ -84,17 +94,22 @@ def notebook_info(nb, default_title: str = '') -> tuple[str, str]:
     "`(title, description)` of a notebook: front matter, else the first markdown heading and the `> ...` under it."
     fm = _front_matter(nb)
     title, desc = str(fm.get('title') or ''), str(fm.get('description') or '')
-    if title: return title, desc
+    if title:
+        return title, desc
     for cell in nb.cells:
-        if cell.cell_type != 'markdown': continue
+        if cell.cell_type != 'markdown':
+            continue
         lines = cell.source.splitlines()
         for i, line in enumerate(lines):
             m = _HEADING.match(line)
-            if not m: continue
+            if not m:
+                continue
             quote, j = [], i + 1
-            while j < len(lines) and not lines[j].strip(): j += 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
             while j < len(lines) and lines[j].lstrip().startswith('>'):
-                quote.append(lines[j].lstrip()[1:].strip()); j += 1
+                quote.append(lines[j].lstrip()[1:].strip())
+                j += 1
             return m.group(2), ' '.join(q for q in quote if q)
     return default_title, desc
 
@@ -116,7 +131,8 @@ def execute_notebook(nb, cwd, timeout: int = 600) -> str | None:
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(cwd)}},
                             coalesce_streams=True, on_cell_start=lambda cell, cell_index: started.append(cell_index))
     def where():
-        if not started: return 'before the first cell'
+        if not started:
+            return 'before the first cell'
         i = started[-1]
         return f"cell {i + 1} (`{_first_line(nb.cells[i].source)}`)"
     try:
@@ -176,7 +192,8 @@ def _link_pages(body: str, chapters: list[Chapter]) -> str:
 
 def render_page(nb, chapter: Chapter, chapters: list[Chapter], site_title: str = '') -> str:
     "The HTML page of one (executed) notebook, with navigation to its neighbours in `chapters`."
-    try: from nbconvert import HTMLExporter
+    try:
+        from nbconvert import HTMLExporter
     except ImportError as e:
         raise DocsError(f"tinylm_docs needs nbconvert ({e}); install the dev extras: pip install -e '.[dev]'") from None
     from traitlets.config import Config
@@ -211,7 +228,8 @@ def site_info(nbs) -> tuple[str, str]:
             cfg.read(ini, encoding='utf-8')
             d = cfg['DEFAULT']
             title, desc = d.get('title', title), d.get('description', desc)
-        except (configparser.Error, UnicodeDecodeError): pass
+        except (configparser.Error, UnicodeDecodeError):
+            pass
     return title, desc
 
 def index_page(chapters: list[Chapter], title: str, description: str = '') -> str:
@@ -251,13 +269,15 @@ footer{{color:#888;font-size:.85em;margin-top:2em}}
 """
 
 # %% ../nbs/22_docs.ipynb #3ae37b4e
-def _write(path: Path, text: str): atomic_write(path, lambda f: f.write(text), mode='w')
+def _write(path: Path, text: str):
+    atomic_write(path, lambda f: f.write(text), mode='w')
 
 def build_docs(nbs='nbs', out='_docs', execute: bool = True, timeout: int = 600, log=print) -> list[Chapter]:
     "Execute (unless `execute=False`) and render every notebook of `nbs` into `out`, plus `out/index.html`."
     nbs, out = Path(nbs), Path(out)
     paths = find_notebooks(nbs)
-    if not paths: raise DocsError(f"no notebooks (*.ipynb) in {nbs}")
+    if not paths:
+        raise DocsError(f"no notebooks (*.ipynb) in {nbs}")
     import nbformat
     chapters, books = [], {}
     for p in paths:
@@ -273,7 +293,8 @@ def build_docs(nbs='nbs', out='_docs', execute: bool = True, timeout: int = 600,
     for i, c in enumerate(chapters, 1):
         t0 = time.time()
         nb = prepare_notebook(books[c.path]) if c.path in books else nbformat.v4.new_notebook()
-        if execute and c.path in books: c.error = execute_notebook(nb, nbs.resolve(), timeout)
+        if execute and c.path in books:
+            c.error = execute_notebook(nb, nbs.resolve(), timeout)
         _write(out / c.page, render_page(nb, c, chapters, site_info(nbs)[0]))
         log(f"[{i}/{len(chapters)}] {c.path.name} -> {out / c.page} ({time.time() - t0:.1f} s)"
             + (' FAILED' if c.error else ''))
@@ -297,7 +318,8 @@ def book_folder(args, prog: str) -> Path:
     if not nbs.is_dir():
         raise DocsError(f"notebooks folder not found: {nbs.resolve()} — run {prog} from the repository root, "
                         "or pass --nbs DIR")
-    if args.timeout <= 0: raise DocsError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.timeout <= 0:
+        raise DocsError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     return nbs
 
 def run(args) -> int:
@@ -306,11 +328,13 @@ def run(args) -> int:
     failed = [c for c in chapters if c.error]
     say(f"wrote {Path(args.out) / 'index.html'} and {len(chapters)} chapter pages in {time.time() - t0:.0f} s"
         + (f"; {len(failed)} failed" if failed else ''))
-    for c in failed: print_error(f"{c.path}: {c.error}")
+    for c in failed:
+        print_error(f"{c.path}: {c.error}")
     return 1 if failed else 0
 
 main, cli = command(make_parser, run)
 
 # %% ../nbs/22_docs.ipynb #f2a5707e
 #| eval: false
-if __name__ == '__main__': cli()
+if __name__ == '__main__':
+    cli()

@@ -50,17 +50,20 @@ def architecture(config) -> str:
     "`'gpt2'` or `'apertus'`: the transformers architecture that computes exactly what a model of `config` computes."
     c = config
     extra = [f for f in SPEEDRUN_OPTIONS if getattr(c, f)]
-    if extra: raise InteropError(f"cannot export {', '.join(f'{f}: {getattr(c, f)}' for f in extra)} — no "
-                                 "transformers architecture computes these speedrun options")
+    if extra:
+        raise InteropError(f"cannot export {', '.join(f'{f}: {getattr(c, f)}' for f in extra)} — no "
+                           "transformers architecture computes these speedrun options")
     if c.pos_emb == 'learned':
         bad = [o for o, ok in (('norm: rmsnorm', c.norm == 'layernorm'), ('qk_norm: true', not c.qk_norm)) if not ok]
-        if bad: raise InteropError(f"cannot export {' and '.join(bad)} with pos_emb: learned — GPT-2, the architecture "
-                                   "with learned positions, normalises with LayerNorm and has no QK-norm")
+        if bad:
+            raise InteropError(f"cannot export {' and '.join(bad)} with pos_emb: learned — GPT-2, the architecture "
+                               "with learned positions, normalises with LayerNorm and has no QK-norm")
         return 'gpt2'
     bad = [o for o, ok in (('norm: layernorm', c.norm == 'rmsnorm'), ('qk_norm: false', c.qk_norm),
                            ('bias: true', not c.bias)) if not ok]
-    if bad: raise InteropError(f"cannot export {' and '.join(bad)} with pos_emb: rope — Apertus, the architecture of "
-                               "tinylm's rotary models, has RMSNorm, QK-norm and no MLP biases")
+    if bad:
+        raise InteropError(f"cannot export {' and '.join(bad)} with pos_emb: rope — Apertus, the architecture of "
+                           "tinylm's rotary models, has RMSNorm, QK-norm and no MLP biases")
     return 'apertus'
 
 # %% ../nbs/15_interop.ipynb #781120b0
@@ -72,8 +75,9 @@ def name_map(config) -> list[tuple[str, str | None, str]]:
         rows += [('transformer.wte.weight', 'tok_emb.weight', '='), ('transformer.wpe.weight', 'pos_emb.weight', '=')]
         for i in range(c.n_layer):
             h, b = f'transformer.h.{i}.', f'blocks.{i}.'
-            for ln in ('ln_1', 'ln_2'): rows += [(h + ln + '.weight', b + ln + '.weight', '='),
-                                                 const(h + ln + '.bias', b + ln + '.bias')]
+            for ln in ('ln_1', 'ln_2'):
+                rows += [(h + ln + '.weight', b + ln + '.weight', '='),
+                         const(h + ln + '.bias', b + ln + '.bias')]
             for lin in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):
                 rows += [(h + lin + '.weight', b + lin + '.weight', 'T'), const(h + lin + '.bias', b + lin + '.bias')]
         rows += [('transformer.ln_f.weight', 'ln_f.weight', '='), const('transformer.ln_f.bias', 'ln_f.bias')]
@@ -89,7 +93,8 @@ def name_map(config) -> list[tuple[str, str | None, str]]:
                      (h + 'mlp.up_proj.weight', b + 'mlp.c_fc.weight', '='),
                      (h + 'mlp.down_proj.weight', b + 'mlp.c_proj.weight', '=')]
         rows += [('model.norm.weight', None, '1')]
-    if not c.tie_embeddings: rows += [('lm_head.weight', 'lm_head.weight', '=')]
+    if not c.tie_embeddings:
+        rows += [('lm_head.weight', 'lm_head.weight', '=')]
     return rows
 
 # %% ../nbs/15_interop.ipynb #1dacbbfe
@@ -115,8 +120,11 @@ def hf_config(config, vocab_size: int):
 # %% ../nbs/15_interop.ipynb #394f1f8a
 def _out(t: torch.Tensor, how: str, n_embd: int) -> torch.Tensor:
     "The transformers tensor made from tinylm's tensor `t` by `how` (`= T q k v`)."
-    if how == 'T': return t.t().contiguous()
-    if how in ('q', 'k', 'v'): i = 'qkv'.index(how); return t[i * n_embd:(i + 1) * n_embd].clone()
+    if how == 'T':
+        return t.t().contiguous()
+    if how in ('q', 'k', 'v'):
+        i = 'qkv'.index(how)
+        return t[i * n_embd:(i + 1) * n_embd].clone()
     return t.clone()
 
 def to_hf(model: Transformer):
@@ -151,7 +159,8 @@ def _chars_of_json(text: str) -> str | None:
     m = d.get('model') or {}
     vocab = m.get('vocab')
     split = (d.get('pre_tokenizer') or {}).get('type') == 'Split'
-    if m.get('type') != 'WordLevel' or not isinstance(vocab, dict) or not split: return None
+    if m.get('type') != 'WordLevel' or not isinstance(vocab, dict) or not split:
+        return None
     chars = ''.join(sorted(vocab, key=vocab.get))
     ok = all(len(c) == 1 for c in vocab) and sorted(vocab.values()) == list(range(len(vocab)))
     return chars if ok and chars == ''.join(sorted(chars)) else None
@@ -185,7 +194,8 @@ def export(model: Transformer, tok, out_dir, overwrite: bool = False) -> Path:
     architecture(model.config)                    # refuse an option with no equivalent before anything else
     transformers, _ = hf_modules()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir(): raise InteropError(f"{out} exists and is not a folder")
+    if out.exists() and not out.is_dir():
+        raise InteropError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InteropError(f"{out} is not empty; pick another folder, or pass --overwrite to replace it")
     hf = to_hf(model)
@@ -195,10 +205,13 @@ def export(model: Transformer, tok, out_dir, overwrite: bool = False) -> Path:
         transformers.GenerationConfig(max_length=model.block_size, do_sample=True, temperature=0.8, top_k=None,
                                       bos_token_id=None, eos_token_id=None, pad_token_id=None).save_pretrained(tmp)
         write_tokenizer(tok, tmp)
-        if out.exists(): shutil.rmtree(out)
+        if out.exists():
+            shutil.rmtree(out)
         tmp.rename(out)
-    except OSError as e: raise InteropError(f"cannot write {out}: {os_error_cause(e)}") from None
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise InteropError(f"cannot write {out}: {os_error_cause(e)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 # %% ../nbs/15_interop.ipynb #a61c8540
@@ -224,11 +237,13 @@ main, cli = command(make_parser, run)
 
 # %% ../nbs/15_interop.ipynb #479420d2
 #| eval: false
-if __name__ == '__main__': cli()   # `python -m tinylm.interop`
+if __name__ == '__main__':
+    cli()   # `python -m tinylm.interop`
 
 # %% ../nbs/15_interop.ipynb #f6861194
 def _need(ok, what, folder):
-    if not ok: raise InteropError(f"{folder}: {what}, which tinylm cannot compute exactly")
+    if not ok:
+        raise InteropError(f"{folder}: {what}, which tinylm cannot compute exactly")
 
 def shape_of(cfg, state: dict, folder) -> dict:
     "The tinylm shape fields of a GPT-2 or Apertus transformers config, refusing what tinylm cannot compute."
@@ -272,22 +287,29 @@ def tinylm_state(state: dict, fields: dict, folder) -> dict:
         if how in ('0', '1'):
             _need(bool((t == float(how)).all()), f"{name} is not all {how}s (a learned "
                   f"{'bias' if how == '0' else 'norm gain'})", folder)
-        elif how in ('q', 'k', 'v'): qkv.setdefault(dst, {})[how] = t
-        else: ours[dst] = t.t().contiguous() if how == 'T' else t.clone()
-    for dst, parts in qkv.items(): ours[dst] = torch.cat([parts[p] for p in 'qkv'])
-    if config.tie_embeddings: ours['lm_head.weight'] = ours['tok_emb.weight']
+        elif how in ('q', 'k', 'v'):
+            qkv.setdefault(dst, {})[how] = t
+        else:
+            ours[dst] = t.t().contiguous() if how == 'T' else t.clone()
+    for dst, parts in qkv.items():
+        ours[dst] = torch.cat([parts[p] for p in 'qkv'])
+    if config.tie_embeddings:
+        ours['lm_head.weight'] = ours['tok_emb.weight']
     return ours
 
 # %% ../nbs/15_interop.ipynb #cfa598a1
-def _first_line(e: Exception) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 def read_hf(folder) -> InitSource:
     "The weights, tinylm shape and tokenizer of a local Hugging Face folder of a GPT-2 or Apertus model."
     folder = Path(folder)
-    if not folder.is_dir(): raise InteropError(f"{folder} is not a folder")
+    if not folder.is_dir():
+        raise InteropError(f"{folder} is not a folder")
     if not (folder / 'config.json').is_file():
         raise InteropError(f"{folder} has no config.json: not a Hugging Face model folder")
-    try: d = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
+    try:
+        d = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InteropError(f"{folder}/config.json is not readable JSON: {_first_line(e)}") from None
     kind = d.get('model_type') if isinstance(d, dict) else None
@@ -306,7 +328,8 @@ def read_hf(folder) -> InitSource:
         raise InteropError(f"{folder}: the weights do not fit their config: {_first_line(e)}") from None
     tied = {'lm_head.weight'} if hf.config.tie_word_embeddings else set()
     bad = sorted(set(info.get('missing_keys', [])) - tied) + sorted(info.get('mismatched_keys', []))
-    if bad: raise InteropError(f"{folder}: the weights do not fit their config: {brief(bad)} missing or mis-shaped")
+    if bad:
+        raise InteropError(f"{folder}: the weights do not fit their config: {brief(bad)} missing or mis-shaped")
     state = hf.state_dict()
     fields = shape_of(hf.config, state, folder)
     if tok.vocab_size != hf.config.vocab_size:

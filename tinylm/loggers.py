@@ -21,16 +21,20 @@ __all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_chan
            'repair_log', 'JsonlLogger', 'LogError', 'read_log', 'tensorboard_writer_class', 'TensorBoardLogger']
 
 # %% ../nbs/10_loggers.ipynb #58d28edd
-def utc_now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds')
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds')
 
 def peak_rss_mb() -> float | None:
     "The peak resident memory of this process so far, in MB (None where the OS does not say)."
     try:   # Linux: this program's own high-water mark
         with open('/proc/self/status', encoding='ascii') as f:
             return next(int(l.split()[1]) for l in f if l.startswith('VmHWM:')) / 2**10
-    except (OSError, StopIteration, ValueError, IndexError): pass
-    try: import resource
-    except ImportError: return None   # Windows
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None   # Windows
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == 'darwin' else rss / 2**10   # bytes on macOS, KB on Linux
 
@@ -44,23 +48,28 @@ def git_commit(path=None) -> str | None:
     try:
         top = subprocess.run(['git', '-C', str(pkg), 'rev-parse', '--show-toplevel'], capture_output=True,
                              text=True, timeout=5)
-        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != pkg.parent: return None
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != pkg.parent:
+            return None
         head = subprocess.run(['git', '-C', str(pkg), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5)
         sha = head.stdout.strip()
         return sha if head.returncode == 0 and re.fullmatch(r'[0-9a-f]{40}', sha) else None
-    except (OSError, subprocess.SubprocessError): return None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 def resume_changes(t) -> dict:
     """What a resumed run does differently from the run that wrote its checkpoint: another kind of machine, or another
     number of processes (`{'machine_saved': ..., 'world_size_saved': ...}`, each only when it changed)."""
-    if not t.resumed_from: return {}
+    if not t.resumed_from:
+        return {}
     out = {} if t.saved_machine == machine_kind(t.device) else {'machine_saved': t.saved_machine}
-    if (t.saved_world_size or 1) != t.world_size: out['world_size_saved'] = t.saved_world_size
+    if (t.saved_world_size or 1) != t.world_size:
+        out['world_size_saved'] = t.saved_world_size
     return out
 
 class _Window:
     "Tokens per second over the training time since the last report."
-    def reset(self, t): self.step, self.secs = t.step, t.train_seconds
+    def reset(self, t):
+        self.step, self.secs = t.step, t.train_seconds
     def read(self, t):
         steps, secs = t.step - self.step, t.train_seconds - self.secs
         self.reset(t)
@@ -75,11 +84,15 @@ class ConsoleLogger(Hook):
         self.print, self.volatile, self.quiet = print_fn, volatile, False
     def say(self, msg: str):
         "Print `msg`; if the terminal is gone, stay quiet from now on."
-        if self.quiet: return
-        try: self.print(msg)
-        except (OSError, ValueError): self.quiet = True
+        if self.quiet:
+            return
+        try:
+            self.print(msg)
+        except (OSError, ValueError):
+            self.quiet = True
     def before_fit(self, t):
-        self.window = _Window(); self.window.reset(t)
+        self.window = _Window()
+        self.window.reset(t)
         start = f"resuming from {t.resumed_from} at step {t.step}" if t.resumed_from else "starting a new run"
         run = f" | run {t.run_id}" if self.volatile else ''
         last = '(the time budget decides)' if t.max_steps == BUDGET_HORIZON else t.max_steps
@@ -116,12 +129,16 @@ class ConsoleLogger(Hook):
         bits = f"{bpb:.3f} bpb" if bpb is not None else f"{bits_per_char(t.last_val_loss):.3f} bpc"
         self.say(f"step {t.step} | val_loss {t.last_val_loss:.4f} ({bits}) | "
                  f"best {t.best_val_loss:.4f}")
-    def after_sample(self, t): self.say(f"--- sample at step {t.step} ---\n{t.last_sample}\n---")
-    def after_checkpoint(self, t): self.say(f"saved checkpoint {t.last_checkpoint}")
+    def after_sample(self, t):
+        self.say(f"--- sample at step {t.step} ---\n{t.last_sample}\n---")
+    def after_checkpoint(self, t):
+        self.say(f"saved checkpoint {t.last_checkpoint}")
     def after_fit(self, t):
         took = f" in {time.time() - t.t_start:.1f} s" if self.volatile else ''
-        if t.status == 'completed': self.say(f"done: step {t.step} reached{took}")
-        elif t.status == 'interrupted': self.say(f"interrupted at step {t.step}{took}")
+        if t.status == 'completed':
+            self.say(f"done: step {t.step} reached{took}")
+        elif t.status == 'interrupted':
+            self.say(f"interrupted at step {t.step}{took}")
 
 # %% ../nbs/10_loggers.ipynb #ca379667
 class ProgressBar(ConsoleLogger):
@@ -138,9 +155,13 @@ class ProgressBar(ConsoleLogger):
                         desc='train', **self.kw)
         self.postfix = {}
     def _bar(self, fn):
-        if self.quiet: return
-        try: fn()
-        except (OSError, ValueError): self.quiet = True; self.bar.disable = True
+        if self.quiet:
+            return
+        try:
+            fn()
+        except (OSError, ValueError):
+            self.quiet = True
+            self.bar.disable = True
     def after_step(self, t):
         self._bar(lambda: self.bar.update(1))
         if t.step % t.config.log_cadence == 0:
@@ -159,29 +180,39 @@ class ProgressBar(ConsoleLogger):
 def repair_log(path) -> dict | None:
     "Cut a torn last line (no final newline) off the log at `path`; what was dropped, or None if the log was whole."
     path = Path(path)
-    try: size = path.stat().st_size
-    except FileNotFoundError: return None
-    if size == 0: return None
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
     with open(path, 'rb+') as f:
         f.seek(size - 1)
-        if f.read(1) == b'\n': return None
+        if f.read(1) == b'\n':
+            return None
         cut, pos = 0, size
         while pos > 0:                                   # find the last newline, reading backwards
-            pos = max(0, pos - 65536); f.seek(pos)
+            pos = max(0, pos - 65536)
+            f.seek(pos)
             block = f.read(min(65536, size - pos))
-            if (i := block.rfind(b'\n')) >= 0: cut = pos + i + 1; break
-        f.seek(cut); fragment = f.read(80)
+            if (i := block.rfind(b'\n')) >= 0:
+                cut = pos + i + 1
+                break
+        f.seek(cut)
+        fragment = f.read(80)
         f.truncate(cut)
     return {'dropped_bytes': size - cut, 'fragment': fragment.decode('utf-8', 'replace')}
 
 class JsonlLogger(Hook):
     "Append one JSON record per event to `path` (default `<out_dir>/train.jsonl`), repairing a torn last line first."
     order = 90
-    def __init__(self, path=None): self.path = path
+    def __init__(self, path=None):
+        self.path = path
     def write(self, t, event, **fields):
         "Append one record as one line."
         rec = {'event': event, 'ts': utc_now(), 'run_id': t.run_id, 'step': t.step, **fields}
-        with open(self.path, 'a', encoding='utf-8') as f: f.write(json.dumps(rec, allow_nan=True) + '\n')
+        with open(self.path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(rec, allow_nan=True) + '\n')
     def before_fit(self, t):
         self.path = Path(self.path or Path(t.config.out_dir) / 'train.jsonl')
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +220,8 @@ class JsonlLogger(Hook):
         if repaired:
             print(f"note: {self.path} ended with a torn line (a run was killed while writing it); dropped its "
                   f"{repaired['dropped_bytes']} bytes", file=sys.stderr, flush=True)
-        self.window = _Window(); self.window.reset(t)
+        self.window = _Window()
+        self.window.reset(t)
         m = t.raw_model
         tok = tokenizer_info(t.tokenizer) if t.tokenizer is not None else None
         self.write(t, 'run_start', config_hash=config_hash(t.config, tokenizer_sha256=tok and tok['sha256']),
@@ -216,28 +248,38 @@ class JsonlLogger(Hook):
         self.write(t, 'eval', val_loss=t.last_val_loss, val_bpb=t.last_val_bpb,
                    val_bpc=bits_per_char(t.last_val_loss) if t.last_val_bpc is None else t.last_val_bpc,
                    best_val_loss=t.best_val_loss, train_s=t.train_seconds)   # training time so far: no evals
-    def after_sample(self, t): self.write(t, 'sample', sample_text=t.last_sample)
-    def after_checkpoint(self, t): self.write(t, 'checkpoint', path=str(t.last_checkpoint))
+    def after_sample(self, t):
+        self.write(t, 'sample', sample_text=t.last_sample)
+    def after_checkpoint(self, t):
+        self.write(t, 'checkpoint', path=str(t.last_checkpoint))
     def after_fit(self, t):
-        if not hasattr(self, 'window'): return   # before_fit never ran
+        if not hasattr(self, 'window'):
+            return   # before_fit never ran
         extra = {'error': f"{type(t.error).__name__}: {t.error}"} if t.status == 'failed' and t.error else {}
         self.write(t, 'run_end', status=t.status, wall_s=time.time() - t.t_start, peak_rss_mb=peak_rss_mb(),
                    best_val_loss=None if math.isinf(t.best_val_loss) else t.best_val_loss, **extra)
 
 # %% ../nbs/10_loggers.ipynb #41aad017
-class LogError(TinyLMError, ValueError): "A log file that cannot be read."
+class LogError(TinyLMError, ValueError):
+    "A log file that cannot be read."
 
 def read_log(path, warn=None) -> list[dict]:
     "The records of the `train.jsonl` at `path` (or in the run folder `path`); a torn last line: `warn(message)`."
     p = Path(path)
-    if p.is_dir(): p = p / 'train.jsonl'
-    try: text = p.read_text(encoding='utf-8', errors='strict')
-    except UnicodeDecodeError as e: raise LogError(f"{p} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e: raise LogError(f"cannot read {p}: {e.strerror or e}") from None
+    if p.is_dir():
+        p = p / 'train.jsonl'
+    try:
+        text = p.read_text(encoding='utf-8', errors='strict')
+    except UnicodeDecodeError as e:
+        raise LogError(f"{p} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise LogError(f"cannot read {p}: {e.strerror or e}") from None
     lines, records = text.split('\n'), []
     for n, line in enumerate(lines, start=1):
-        if not line.strip(): continue
-        try: rec = json.loads(line)
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
             if n == len(lines):   # the last line, with no newline after it: torn by a kill, or being written
                 (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
@@ -245,7 +287,8 @@ def read_log(path, warn=None) -> list[dict]:
                 continue
             raise LogError(f"{p} line {n} is not valid JSON ({e.msg} at column {e.colno}): "
                            f"{brief(line[:60])}") from None
-        if not isinstance(rec, dict): raise LogError(f"{p} line {n} is not a JSON object: {brief(line[:60])}")
+        if not isinstance(rec, dict):
+            raise LogError(f"{p} line {n} is not a JSON object: {brief(line[:60])}")
         records.append(rec)
     return records
 
@@ -262,10 +305,12 @@ def tensorboard_writer_class():
 class TensorBoardLogger(Hook):
     "Scalars (loss, lr, tokens/s, val_loss, val_bpc, val_bpb) and samples to `<out_dir>/tensorboard`."
     order = 91
-    def __init__(self, log_dir=None): self.log_dir = log_dir
+    def __init__(self, log_dir=None):
+        self.log_dir = log_dir
     def before_fit(self, t):
         self.w = tensorboard_writer_class()(log_dir=str(self.log_dir or Path(t.config.out_dir) / 'tensorboard'))
-        self.window = _Window(); self.window.reset(t)
+        self.window = _Window()
+        self.window.reset(t)
     def after_step(self, t):
         if t.step % t.config.log_cadence == 0:
             tps, _ = self.window.read(t)
@@ -276,6 +321,9 @@ class TensorBoardLogger(Hook):
         self.w.add_scalar('val/loss', t.last_val_loss, t.step)
         bpc = bits_per_char(t.last_val_loss) if t.last_val_bpc is None else t.last_val_bpc
         self.w.add_scalar('val/bpc', bpc, t.step)
-        if t.last_val_bpb is not None: self.w.add_scalar('val/bpb', t.last_val_bpb, t.step)
-    def after_sample(self, t): self.w.add_text('sample', t.last_sample, t.step)
-    def after_fit(self, t): self.w.close()
+        if t.last_val_bpb is not None:
+            self.w.add_scalar('val/bpb', t.last_val_bpb, t.step)
+    def after_sample(self, t):
+        self.w.add_text('sample', t.last_sample, t.step)
+    def after_fit(self, t):
+        self.w.close()

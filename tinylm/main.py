@@ -82,14 +82,18 @@ def cli_overrides(args) -> dict:
     ov = {}
     for item in args.overrides:
         key, sep, value = item.partition('=')
-        if not sep or not key.strip(): raise ConfigError(f"--set expects KEY=VALUE, got {brief(item)}")
-        try: ov[key.strip()] = load_yaml(value, f"--set {key.strip()}") if value.strip() else value
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {brief(item)}")
+        try:
+            ov[key.strip()] = load_yaml(value, f"--set {key.strip()}") if value.strip() else value
         except ConfigError:
-            if '*' in value or '&' in value: raise     # an alias is refused, not taken as a string
+            if '*' in value or '&' in value:
+                raise     # an alias is refused, not taken as a string
             ov[key.strip()] = value
     for flag, field in (('data', 'data_path'), ('max_steps', 'max_steps'), ('out_dir', 'out_dir'), ('seed', 'seed'),
                         ('device', 'device'), ('depth', 'depth'), ('time_budget', 'time_budget')):
-        if getattr(args, flag, None) is not None: ov[field] = getattr(args, flag)
+        if getattr(args, flag, None) is not None:
+            ov[field] = getattr(args, flag)
     return ov
 
 def build_config(args, ckpt: dict | None = None, init: InitSource | None = None) -> TrainingConfig:
@@ -98,14 +102,18 @@ def build_config(args, ckpt: dict | None = None, init: InitSource | None = None)
         base = load_config(args.config) if args.config else TrainingConfig()
         ov, args.budget_probe = budget_probe(base, cli_overrides(args), init)   # a step fits; auto decided
         config = apply_dials(base, ov)
-        if init is None: return config
+        if init is None:
+            return config
         return init_config(config, init, read_config_file(args.config) if args.config else {}, cli_overrides(args))
-    try: saved = TrainingConfig.from_dict(ckpt['config'], source=f"{ckpt['path']} (config)")
-    except TinyLMError as e: raise CheckpointError(str(e)) from None
+    try:
+        saved = TrainingConfig.from_dict(ckpt['config'], source=f"{ckpt['path']} (config)")
+    except TinyLMError as e:
+        raise CheckpointError(str(e)) from None
     ov = {**(read_config_file(args.config) if args.config else {}), **cli_overrides(args)}
     if 'out_dir' not in ov:   # continue in the run folder the checkpoint lives in
         p = Path(ckpt['path']).resolve()
-        if p.parent.name == 'checkpoints': ov['out_dir'] = str(p.parent.parent)
+        if p.parent.name == 'checkpoints':
+            ov['out_dir'] = str(p.parent.parent)
     config = saved.with_overrides(**ov)   # validates names and values first
     for k in ov:
         if k not in RESUMABLE_FIELDS and getattr(config, k) != getattr(saved, k):
@@ -119,7 +127,8 @@ def build_config(args, ckpt: dict | None = None, init: InitSource | None = None)
 SHAPE_FIELDS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'pos_emb', 'norm', 'qk_norm', 'activation',
                 'tie_embeddings')
 
-class InitError(TinyLMError, ValueError): "A source of `--init-from` that cannot start a run."
+class InitError(TinyLMError, ValueError):
+    "A source of `--init-from` that cannot start a run."
 
 @dataclass
 class InitSource:
@@ -155,14 +164,17 @@ def read_init_source(path) -> InitSource:
     "The weights, shape and tokenizer of a tinylm checkpoint or run folder, or of a source a later chapter reads."
     p = Path(path).expanduser()
     try:
-        if not p.exists(): raise InitError(f"{p} not found")
+        if not p.exists():
+            raise InitError(f"{p} not found")
         later = [r for m in _READER_MODULES for r in importlib.import_module(m).INIT_READERS]
-        if (known := next((r for r in later if r.recognises(p)), None)): return known.read(p)   # before checkpoints
+        if (known := next((r for r in later if r.recognises(p)), None)):
+            return known.read(p)   # before checkpoints
         if p.is_dir() and not (find_checkpoints(p) or find_checkpoints(p / 'checkpoints')):
             raise InitError(f"{p} is neither " + ' nor '.join(['a tinylm run folder (no checkpoint)',
                                                                *(r.what for r in later)]))
         model, tok, config = model_from_checkpoint(load_checkpoint(p))
-    except TinyLMError as e: raise InitError(f"--init-from: {e}") from None
+    except TinyLMError as e:
+        raise InitError(f"--init-from: {e}") from None
     return InitSource(str(p), 'tinylm', {k: getattr(config, k) for k in SHAPE_FIELDS}, model.state_dict(), tok)
 
 def init_config(config: TrainingConfig, init: InitSource, from_yaml: dict, from_cli: dict) -> TrainingConfig:
@@ -179,14 +191,18 @@ def init_config(config: TrainingConfig, init: InitSource, from_yaml: dict, from_
 # %% ../nbs/12_main.ipynb #abb11969
 def seed_everything(seed: int):
     "Seed Python's, NumPy's and torch's global generators (new runs only)."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 def standard_hooks(config: TrainingConfig, console: bool = True, signals: bool = True, main_rank: bool = True) -> list:
     """The hooks of a command-line run. Only the main rank logs, samples and writes checkpoints; every rank evaluates
     (the validation loss is averaged across ranks), handles signals and hands its random states to the checkpoint."""
     hooks = ([TimeBudget()] if config.time_budget else []) + [Evaluator(), Checkpointer()]
-    if signals: hooks.append(GracefulStop())
-    if not main_rank: return hooks
+    if signals:
+        hooks.append(GracefulStop())
+    if not main_rank:
+        return hooks
     hooks += [Sampler(), JsonlLogger()]
     if config.tensorboard:
         tensorboard_writer_class()   # fail now, before any work, if the optional package is missing
@@ -199,10 +215,14 @@ def standard_hooks(config: TrainingConfig, console: bool = True, signals: bool =
 def load_hook(spec: str):
     "Instantiate a user hook from `module:Class` (or `module.Class`)."
     mod_name, sep, cls_name = spec.partition(':') if ':' in spec else spec.rpartition('.')
-    if not mod_name or not cls_name: raise ConfigError(f"--hook expects MODULE:CLASS, got {brief(spec)}")
-    try: cls = getattr(importlib.import_module(mod_name), cls_name)
-    except ImportError as e: raise ConfigError(f"--hook {spec}: cannot import module {mod_name!r}: {e}") from None
-    except AttributeError: raise ConfigError(f"--hook {spec}: module {mod_name!r} has no {cls_name!r}") from None
+    if not mod_name or not cls_name:
+        raise ConfigError(f"--hook expects MODULE:CLASS, got {brief(spec)}")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except ImportError as e:
+        raise ConfigError(f"--hook {spec}: cannot import module {mod_name!r}: {e}") from None
+    except AttributeError:
+        raise ConfigError(f"--hook {spec}: module {mod_name!r} has no {cls_name!r}") from None
     return cls()
 
 def prepare_data(config: TrainingConfig, tokenizer: Tokenizer | None = None, progress=None):
@@ -212,8 +232,10 @@ def prepare_data(config: TrainingConfig, tokenizer: Tokenizer | None = None, pro
     corpus = prepare_corpus(config.data_path, tokenizer, progress, kind=config.tokenizer,
                             vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction)
     s = corpus.split_at   # BPE: the parts were encoded apart, the split is where the validation tokens begin
-    if s is not None: train_ids, val_ids = corpus.ids[:s], corpus.ids[s:]
-    else: train_ids, val_ids = split_corpus(corpus.ids, config.val_fraction)
+    if s is not None:
+        train_ids, val_ids = corpus.ids[:s], corpus.ids[s:]
+    else:
+        train_ids, val_ids = split_corpus(corpus.ids, config.val_fraction)
     V = corpus.tokenizer.vocab_size
     return (corpus.tokenizer, WindowDataset(train_ids, config.block_size, 'train', V),
             WindowDataset(val_ids, config.block_size, 'val', V), corpus.sha256)
@@ -229,8 +251,10 @@ def check_fresh_out_dir(config: TrainingConfig, overwrite: bool = False):
 def clear_run(out_dir):
     "Delete what an earlier run wrote into `out_dir` (its checkpoints, log and TensorBoard events), nothing else."
     out = Path(out_dir)
-    for p in find_checkpoints(out / 'checkpoints'): p.unlink(missing_ok=True)
-    for p in (out / 'checkpoints' / 'latest', out / 'train.jsonl'): p.unlink(missing_ok=True)
+    for p in find_checkpoints(out / 'checkpoints'):
+        p.unlink(missing_ok=True)
+    for p in (out / 'checkpoints' / 'latest', out / 'train.jsonl'):
+        p.unlink(missing_ok=True)
     shutil.rmtree(out / 'tensorboard', ignore_errors=True)
 
 def check_vocabulary(data_path: str, tok: Tokenizer, source: str):
@@ -249,15 +273,20 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     dist = dist or DistInfo()
     device = setup_device(config, dist)
     hooks = standard_hooks(config, main_rank=dist.is_main) if hooks is None else hooks
-    if ckpt is None: check_fresh_out_dir(config, overwrite)
+    if ckpt is None:
+        check_fresh_out_dir(config, overwrite)
     first_here = dist.local_rank == 0
-    if dist.enabled and not first_here: torch.distributed.barrier()   # wait: the first process prepares the corpus
+    if dist.enabled and not first_here:
+        torch.distributed.barrier()   # wait: the first process prepares the corpus
     given = tokenizer_from_state(ckpt['tokenizer']) if ckpt is not None else init and init.tokenizer
-    try: tok, train_ds, val_ds, sha = prepare_data(config, given, progress)
+    try:
+        tok, train_ds, val_ds, sha = prepare_data(config, given, progress)
     except DataError:
-        if init is not None and isinstance(given, Tokenizer): check_vocabulary(config.data_path, given, init.path)
+        if init is not None and isinstance(given, Tokenizer):
+            check_vocabulary(config.data_path, given, init.path)
         raise
-    if dist.enabled and first_here: torch.distributed.barrier()
+    if dist.enabled and first_here:
+        torch.distributed.barrier()
     if ckpt is not None and ckpt.get('data_sha256') and sha != ckpt['data_sha256'] and not allow_data_change:
         raise DataError(f"{config.data_path} differs from the corpus the checkpoint was trained on "
                         f"(sha256 {sha[:12]}… vs {ckpt['data_sha256'][:12]}…); pass --allow-data-change to "
@@ -271,7 +300,8 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
         seed_everything(config.seed)   # the same seed on every rank: identical weights and random streams
         model = Transformer(tok.vocab_size, config)   # the random init still draws: the streams after it are the seed's
         if init is not None:
-            try: model.load_state_dict(init.state)
+            try:
+                model.load_state_dict(init.state)
             except RuntimeError as e:
                 raise InitError(f"--init-from {init.path}: the weights do not fit the model: "
                                 f"{str(e).strip().splitlines()[0][:200]}") from None
@@ -288,11 +318,13 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
 # %% ../nbs/12_main.ipynb #17602fdf
 class TrainSession:
     "One invocation of `tinylm_train`: what it needs to report an interruption or an error."
-    def __init__(self): self.trainer, self.prefix = None, ''
+    def __init__(self):
+        self.trainer, self.prefix = None, ''
 
     def interrupted(self) -> str:
         t = self.trainer
-        if t is None or t.status == 'created': return "interrupted before training started; nothing was saved"
+        if t is None or t.status == 'created':
+            return "interrupted before training started; nothing was saved"
         return f"interrupted at step {t.step}; the last checkpoint is {t.last_checkpoint or 'none'}"
 
     def __call__(self, args) -> int:
@@ -302,24 +334,28 @@ class TrainSession:
             if getattr(args, flag) and args.resume:
                 raise ConfigError(f"--{flag.replace('_', '-')} {what} and cannot be combined with --resume")
         ckpt = load_checkpoint(args.resume) if args.resume else None
-        if ckpt is not None: check_resumable(ckpt)
+        if ckpt is not None:
+            check_resumable(ckpt)
         init = read_init_source(args.init_from) if args.init_from else None
         config = build_config(args, ckpt, init)
         if ckpt is not None and config.max_steps <= ckpt['step']:
             raise ConfigError(f"the checkpoint is already at step {ckpt['step']} and max_steps is {config.max_steps}: "
                               f"nothing to train; pass a larger --max-steps")
         lock = RunLock(config.out_dir)
-        if dist.is_main: lock.check()                 # a busy folder: say so now, before any work
+        if dist.is_main:
+            lock.check()                 # a busy folder: say so now, before any work
         hooks = standard_hooks(config, main_rank=dist.is_main) + [load_hook(h) for h in args.hooks]
         try:
             trainer, train_dl = build_trainer(config, ckpt, hooks, args.allow_data_change, dist, args.overwrite,
                                               progress=show_progress if dist.is_main else None, init=init)
             if dist.is_main:
                 lock.acquire()
-                if args.overwrite: clear_run(config.out_dir)
+                if args.overwrite:
+                    clear_run(config.out_dir)
             self.trainer, trainer.budget_probe = trainer, getattr(args, 'budget_probe', None)
             trainer.fit(train_dl)
-            if dist.enabled: torch.distributed.barrier()   # the other ranks wait until rank 0 has saved and logged
+            if dist.enabled:
+                torch.distributed.barrier()   # the other ranks wait until rank 0 has saved and logged
         except Exception as e:
             if 'Connection closed by peer' in str(e) or 'Connection reset by peer' in str(e):   # another rank died
                 raise TinyLMError("lost contact with another process of this job (it probably failed: see its error "
@@ -328,7 +364,8 @@ class TrainSession:
         finally:
             cleanup_distributed()
             lock.release()
-        if trainer.status != 'interrupted': return 0
+        if trainer.status != 'interrupted':
+            return 0
         if dist.is_main:
             name = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else 'a stop request'
             say(f"stopped by {name} before the first step; nothing to save" if not (where := trainer.last_checkpoint)
@@ -347,4 +384,5 @@ def cli():
 
 # %% ../nbs/12_main.ipynb #96da21cd
 #| eval: false
-if __name__ == '__main__': cli()   # `python -m tinylm.main`, which `torchrun -m tinylm.main` uses
+if __name__ == '__main__':
+    cli()   # `python -m tinylm.main`, which `torchrun -m tinylm.main` uses

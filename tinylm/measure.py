@@ -31,28 +31,35 @@ __all__ = ['PHASES', 'CROSSOVER_WIDTHS', 'sync', 'stats', 'Stopwatch', 'matmul_c
 def sync(device) -> None:
     "Wait for all queued work on `device` (a no-op on the CPU, whose ops are synchronous)."
     device = torch.device(device)
-    if device.type == 'cuda': torch.cuda.synchronize(device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 def stats(seconds) -> dict:
     "Median, min, max and mean (seconds) of a list of durations, and how many there are."
     xs = [float(s) for s in seconds]
-    if not xs: raise ValueError("stats() needs at least one duration")
+    if not xs:
+        raise ValueError("stats() needs at least one duration")
     return dict(median_s=statistics.median(xs), min_s=min(xs), max_s=max(xs), mean_s=statistics.fmean(xs), n=len(xs))
 
 class Stopwatch:
     "Context manager that syncs `device` before and after, and appends the elapsed seconds to `self.times`."
-    def __init__(self, device='cpu'): self.device, self.times = torch.device(device), []
+    def __init__(self, device='cpu'):
+        self.device, self.times = torch.device(device), []
     def __enter__(self):
-        sync(self.device); self.t0 = time.perf_counter(); return self
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
     def __exit__(self, *exc):
-        sync(self.device); self.times.append(time.perf_counter() - self.t0)
+        sync(self.device)
+        self.times.append(time.perf_counter() - self.t0)
 
 # %% ../nbs/17_measure.ipynb #822f558b
 def matmul_ceiling(n: int | None = None, reps: int = 10, dtype=torch.float32, device='cpu') -> dict:
     "GFLOP/s of an `n`×`n` @ `n`×`n` matmul on `device` (best and median over `reps` after one warm-up)."
     device = torch.device(device)
     n = n or (8192 if device.type == 'cuda' else 2048)
-    if n < 1 or reps < 1: raise ValueError(f"matmul_ceiling needs n >= 1 and reps >= 1, got n={n}, reps={reps}")
+    if n < 1 or reps < 1:
+        raise ValueError(f"matmul_ceiling needs n >= 1 and reps >= 1, got n={n}, reps={reps}")
     g = torch.Generator(device=device).manual_seed(0)   # never touch the global RNG
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -60,7 +67,8 @@ def matmul_ceiling(n: int | None = None, reps: int = 10, dtype=torch.float32, de
     with torch.no_grad():
         a @ b   # warm-up: thread pool start, kernel choice
         for _ in range(reps):
-            with sw: a @ b
+            with sw:
+                a @ b
     s, flops = stats(sw.times), 2 * n ** 3
     del a, b
     return dict(n=n, dtype=str(dtype).replace('torch.', ''), reps=reps, best_gflops=flops / s['min_s'] / 1e9,
@@ -70,8 +78,10 @@ def matmul_ceiling(n: int | None = None, reps: int = 10, dtype=torch.float32, de
 def setup(config: TrainingConfig, dist: DistInfo | None = None):
     "The trainer and loader `tinylm_train` builds for `config` (under `dist`'s processes), with no hooks or files."
     out = tempfile.mkdtemp(prefix='tinylm_bench_')
-    try: return build_trainer(config.with_overrides(out_dir=out), hooks=[], dist=dist)
-    finally: shutil.rmtree(out, ignore_errors=True)
+    try:
+        return build_trainer(config.with_overrides(out_dir=out), hooks=[], dist=dist)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 def run_steps(trainer: Trainer, batches, steps: int) -> list[float]:
     "Run `steps` training steps on batches from the iterator `batches`; seconds per step (fetch + step, synced)."
@@ -85,7 +95,8 @@ def run_steps(trainer: Trainer, batches, steps: int) -> list[float]:
 # %% ../nbs/17_measure.ipynb #5d7fd8f1
 def time_training(trainer: Trainer, train_dl, steps: int = 50, warmup: int = 10) -> dict:
     "Steady-state step time (median/min/max over `steps` after `warmup`), tokens/s, model FLOP/s; first step apart."
-    if steps < 1 or warmup < 0: raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     batches = iter(train_dl)
     first = run_steps(trainer, batches, 1)[0]
     warm = run_steps(trainer, batches, max(warmup - 1, 0))
@@ -104,17 +115,21 @@ PHASES = ('data', 'forward', 'backward', 'optimizer')
 
 def step_breakdown(trainer: Trainer, train_dl, steps: int = 30) -> dict:
     "Median seconds per step spent in data, forward, backward and optimizer over `steps` real training steps."
-    if steps < 1: raise ValueError(f"need steps >= 1, got {steps}")
+    if steps < 1:
+        raise ValueError(f"need steps >= 1, got {steps}")
     watches, per_step = {k: Stopwatch(trainer.device) for k in PHASES}, {k: [] for k in PHASES}
     batches, accum = iter(train_dl), trainer.config.grad_accum_steps
     trainer.timer = watches.__getitem__
     try:
         for _ in range(steps):
             seen = {k: len(w.times) for k, w in watches.items()}
-            with watches['data']: batch = next(batches) if accum == 1 else [next(batches) for _ in range(accum)]
+            with watches['data']:
+                batch = next(batches) if accum == 1 else [next(batches) for _ in range(accum)]
             trainer.training_step(batch)
-            for k, w in watches.items(): per_step[k].append(sum(w.times[seen[k]:]))
-    finally: trainer.timer = None
+            for k, w in watches.items():
+                per_step[k].append(sum(w.times[seen[k]:]))
+    finally:
+        trainer.timer = None
     out = {f'{k}_s': stats(per_step[k])['median_s'] for k in PHASES}
     out['total_s'] = sum(out[f'{k}_s'] for k in PHASES)
     out['data_fraction'] = out['data_s'] / out['total_s']
@@ -128,25 +143,32 @@ def peak_memory(device='cpu') -> dict:
     rss = peak_rss_mb()
     out = {} if rss is None else {'peak_rss_mb': rss}
     device = torch.device(device)
-    if device.type == 'cuda': out['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == 'cuda':
+        out['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 # %% ../nbs/17_measure.ipynb #57fc0a77
 def big_corpus(text: str, mb: float = 100.0) -> str:
     "`text` repeated (and cut) to about `mb` megabytes (10**6 bytes) of UTF-8."
     nbytes = len(text.encode('utf-8'))
-    if mb <= 0: raise ValueError(f"corpus size must be > 0 MB, got {mb}")
+    if mb <= 0:
+        raise ValueError(f"corpus size must be > 0 MB, got {mb}")
     reps = max(1, math.ceil(mb * 1e6 / nbytes))
     return (text * reps)[:max(1, int(len(text) * mb * 1e6 / nbytes))]
 
 def tokenizer_throughput(text: str, reps: int = 3, kind: str = 'char', vocab_size: int | None = None) -> dict:
     "MB/s of training a `kind` tokenizer on `text` and of encoding it: the first call, and the median of the repeats."
-    if reps < 1: raise ValueError(f"need reps >= 1, got {reps}")
+    if reps < 1:
+        raise ValueError(f"need reps >= 1, got {reps}")
     mb, cls = len(text.encode('utf-8')) / 1e6, tokenizer_class(kind)
     build, enc = [], []
     for _ in range(reps):
-        t0 = time.perf_counter(); tok = cls.train(text, vocab_size); build.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); ids = tok.encode(text); enc.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        tok = cls.train(text, vocab_size)
+        build.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ids = tok.encode(text)
+        enc.append(time.perf_counter() - t0)
         del ids
     b, e = statistics.median(build[1:] or build), statistics.median(enc[1:] or enc)
     return dict(mb=mb, kind=kind, vocab_size=tok.vocab_size, reps=reps, build_first_s=build[0], encode_first_s=enc[0],
@@ -160,9 +182,12 @@ def checkpoint_times(trainer: Trainer, folder, reps: int = 3) -> dict:
     save, load, restore = Stopwatch(), Stopwatch(), Stopwatch()
     rng = capture_rng()
     for _ in range(reps):
-        with save: trainer.save_checkpoint(path)
-        with load: load_checkpoint(path)
-        with restore: Trainer.from_checkpoint(path, hooks=[], config=trainer.config, device=trainer.device)
+        with save:
+            trainer.save_checkpoint(path)
+        with load:
+            load_checkpoint(path)
+        with restore:
+            Trainer.from_checkpoint(path, hooks=[], config=trainer.config, device=trainer.device)
     restore_rng(rng)   # from_checkpoint restored the saved RNG states; leave the caller's as it was
     return dict(save_s=stats(save.times)['median_s'], load_s=stats(load.times)['median_s'],
                 restore_s=stats(restore.times)['median_s'], size_mb=path.stat().st_size / 2**20)
@@ -189,7 +214,8 @@ def resume_times(trainer: Trainer, train_dl, folder, near_step: int = 10, far_st
     args = (cfg, train_dl.dataset, trainer.val_dataloader.dataset, trainer.device)
     times = {'near': [], 'far': []}
     for _ in range(reps):   # alternate, so both see the same machine conditions
-        for name in ('far', 'near'): times[name].append(_resume_once(paths[name], *args))
+        for name in ('far', 'near'):
+            times[name].append(_resume_once(paths[name], *args))
     restore_rng(rng)
     n, f = statistics.median(times['near']), statistics.median(times['far'])
     return dict(near_step=near_step, near_s=n, far_step=far_step, far_s=f, far_epoch=far_step // bpe, ratio=f / n)
@@ -220,7 +246,8 @@ def startup_time(config: TrainingConfig, folder, timeout: float = 600, env: dict
     cmd = [*train_command(), '--max-steps', '1', '--out-dir', str(folder), '--data', str(config.data_path),
            '--set', 'log_cadence=1', '--set', 'eval_batches=1', '--set', 'sample_length=0', '--set', 'progress=none']
     for k, v in config.to_dict().items():
-        if k not in _NOT_PASSED and v != getattr(default, k): cmd += ['--set', f'{k}={v}']
+        if k not in _NOT_PASSED and v != getattr(default, k):
+            cmd += ['--set', f'{k}={v}']
     t0 = time.time()
     _run(cmd, 'tinylm_train', timeout=timeout, env=env)
     wall = time.time() - t0
@@ -239,18 +266,21 @@ def train_log(args: list, settings: dict, folder, threads: int = 1) -> list[dict
     try:
         _run(cmd, 'tinylm_train', env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
         return read_log(out)
-    finally: shutil.rmtree(out.parent, ignore_errors=True)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
 
 # %% ../nbs/17_measure.ipynb #099a3ee1
 def write_corpus(path, mb: float, text: str | None = None) -> Path:
     "Write `text` (default: the bundled corpus) repeated to about `mb` MB (10**6 bytes) at `path`, piece by piece."
-    if not mb > 0: raise ValueError(f"corpus size must be > 0 MB, got {mb}")
+    if not mb > 0:
+        raise ValueError(f"corpus size must be > 0 MB, got {mb}")
     piece = (text or load_text()).encode('utf-8')
     left = int(mb * 1e6)
     def write(f):
         n = left
         while n > 0:
-            f.write(piece[:n]); n -= len(piece)
+            f.write(piece[:n])
+            n -= len(piece)
     return atomic_write(path, write)
 
 _PREPARE = ("import json, sys, time; from tinylm.corpus import prepare_corpus; from tinylm.loggers import peak_rss_mb\n"
@@ -284,8 +314,10 @@ _CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
 
 def cpu_flags() -> list[str]:
     "Which of the vector-arithmetic flags that decide bfloat16's speed the CPU lists (Linux; [] elsewhere)."
-    try: text = Path('/proc/cpuinfo').read_text(errors='replace')
-    except OSError: return []
+    try:
+        text = Path('/proc/cpuinfo').read_text(errors='replace')
+    except OSError:
+        return []
     words = set(re.findall(r'\w+', next((l for l in text.splitlines() if l.startswith('flags')), '')))
     return [f for f in _CPU_FLAGS if f in words]
 
@@ -308,7 +340,8 @@ def newton_schulz_times(model, config: TrainingConfig, reps: int = 5) -> dict:
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(0)
     shapes = {}
-    for p in muon_params(model): shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+    for p in muon_params(model):
+        shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
     stacks = [torch.randn(n, *s, generator=g, device=device) for s, n in shapes.items()]
     res = dict(matrices=sum(shapes.values()), shapes=len(shapes), steps=config.muon_ns_steps,
                coefficients=config.muon_ns_coefficients,
@@ -317,7 +350,8 @@ def newton_schulz_times(model, config: TrainingConfig, reps: int = 5) -> dict:
         sw = Stopwatch(device)
         for k in range(reps + 1):
             with sw:
-                for x in stacks: orthogonalize(x, config.muon_ns_steps, config.muon_ns_coefficients, dtype)
+                for x in stacks:
+                    orthogonalize(x, config.muon_ns_steps, config.muon_ns_coefficients, dtype)
         res[f"{str(dtype).replace('torch.', '')}_ms"] = stats(sw.times[1:])['median_s'] * 1e3   # the first warms up
     return res
 

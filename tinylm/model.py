@@ -22,7 +22,8 @@ class ModelError(TinyLMError, ValueError):
 # %% ../nbs/05_model.ipynb #d538201c
 def rope_tables(block_size: int, head_size: int, base: float = 10000.0):
     "Cosines and sines `(block_size, head_size // 2)` of the rotation angles `t * base**(-2i/head_size)`."
-    if head_size % 2: raise ModelError(f"rotary embeddings need an even head size, got {head_size}")
+    if head_size % 2:
+        raise ModelError(f"rotary embeddings need an even head size, got {head_size}")
     freqs = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
@@ -60,27 +61,33 @@ class CausalSelfAttention(nn.Module):
         hs, start = C // self.n_head, 0 if cache is None else cache.pos
         # (B, T, 3 * n_head, head_size): the heads of q, then of k, then of v; split (not indexed: see below)
         qk, v = self.c_attn(x).view(B, T, 3 * self.n_head, hs).split([2 * self.n_head, self.n_head], dim=2)
-        if ve is not None: v = v + self.ve_lambda * ve.view(B, T, self.n_head, hs)   # value embeddings (B, T, C)
-        if self.qk_norm: qk = F.rms_norm(qk, (hs,))
-        if self.rope: qk = apply_rope(qk, self.rope_cos, self.rope_sin, start)
+        if ve is not None:
+            v = v + self.ve_lambda * ve.view(B, T, self.n_head, hs)   # value embeddings (B, T, C)
+        if self.qk_norm:
+            qk = F.rms_norm(qk, (hs,))
+        if self.rope:
+            qk = apply_rope(qk, self.rope_cos, self.rope_sin, start)
         q, k = qk.split(self.n_head, dim=2)
         # (B, T, n_head, head_size) -> (B, n_head, T, head_size): heads become a batch dimension for the kernel
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if start:   # decoding: one new position attends to every cached one and itself, so no mask
-            if T != 1: raise ModelError(f"a filled cache continues one position at a time, got {T}")
+            if T != 1:
+                raise ModelError(f"a filled cache continues one position at a time, got {T}")
             k, v = cache.append(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v)
         else:       # training, evaluation, and a prefill (which also keeps its keys and values)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
-            if cache is not None: cache.append(layer, k, v)
+            if cache is not None:
+                cache.append(layer, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # put the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 # %% ../nbs/05_model.ipynb #15e06c71
 class ReLUSquared(nn.Module):
     "relu(x)², the MLP activation of the Primer paper and of modded-nanogpt."
-    def forward(self, x): return F.relu(x).square()
+    def forward(self, x):
+        return F.relu(x).square()
 
 _GELU = {'gelu': 'none', 'gelu_tanh': 'tanh'}   # nn.GELU's name of each variant
 
@@ -93,12 +100,14 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x): return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 # %% ../nbs/05_model.ipynb #97bacf67
 def make_norm(config) -> nn.Module:
     "The normalisation layer `config.norm` asks for: LayerNorm (gain, optional bias) or a parameter-free RMSNorm."
-    if config.norm == 'rmsnorm': return nn.RMSNorm(config.n_embd, elementwise_affine=False)
+    if config.norm == 'rmsnorm':
+        return nn.RMSNorm(config.n_embd, elementwise_affine=False)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 # %% ../nbs/05_model.ipynb #d1ef6998
@@ -113,7 +122,8 @@ class Block(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_skip else None   # starts as x alone
 
     def forward(self, x, cache=None, layer: int = 0, x0=None, ve=None):
-        if self.x0_lambdas is not None: x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        if self.x0_lambdas is not None:
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
         x = x + self.attn(self.ln_1(x), cache, layer, ve)
         return x + self.mlp(self.ln_2(x))
 
@@ -126,7 +136,8 @@ class Transformer(nn.Module):
     "Decoder-only GPT: token (+ position) embeddings, `n_layer` pre-norm blocks, final norm, (tied) output head."
     def __init__(self, vocab_size: int, config):
         super().__init__()
-        if vocab_size < 1: raise ModelError(f"vocab_size must be at least 1, got {vocab_size}")
+        if vocab_size < 1:
+            raise ModelError(f"vocab_size must be at least 1, got {vocab_size}")
         self.config, self.vocab_size, self.block_size = config, vocab_size, config.block_size
         self.tok_emb = nn.Embedding(vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == 'learned' else None
@@ -134,30 +145,38 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
-        if config.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one tensor, two roles
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # weight tying: one tensor, two roles
         # the speedrun options (off by default), explained below the class: more tables looked up, and small gates
         self.value_emb = nn.Embedding(vocab_size, config.n_embd) if config.value_embeds else None
         self.bigram_emb = nn.Embedding(config.bigram_buckets, config.n_embd) if config.bigram_buckets else None
         self.smear_gate = nn.Parameter(torch.zeros(min(12, config.n_embd))) if config.smear else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None   # starts with no smear
         self.apply(self._init_weights)
-        if self.bigram_emb is not None: nn.init.zeros_(self.bigram_emb.weight)   # starts adding nothing
+        if self.bigram_emb is not None:
+            nn.init.zeros_(self.bigram_emb.weight)   # starts adding nothing
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):
-                if config.zero_init: nn.init.zeros_(p)
-                else: nn.init.normal_(p, mean=0.0, std=resid_std)
-        if config.zero_init and not config.tie_embeddings: nn.init.zeros_(self.lm_head.weight)
+                if config.zero_init:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=resid_std)
+        if config.zero_init and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None: nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, vocab_size) for every position; mean cross-entropy against `targets` (B, T) if given, else
         None. With a `cache` (generation): the positions follow the cached ones, and only the last one gets logits."""
-        if idx.dim() != 2: raise ModelError(f"idx must have shape (batch, time), got shape {tuple(idx.shape)}")
+        if idx.dim() != 2:
+            raise ModelError(f"idx must have shape (batch, time), got shape {tuple(idx.shape)}")
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.block_size:
@@ -168,12 +187,14 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = x0 = self.drop(x)
         ve = None if self.value_emb is None else self.value_emb(idx)
-        for i, block in enumerate(self.blocks): x = block(x, cache, i, x0, ve)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, x0, ve)
         if cache is not None:
             cache.pos += T
             return self._logits(x[:, -1:]), None   # the other positions predict tokens already there
         logits = self._logits(x)
-        if targets is None: return logits, None
+        if targets is None:
+            return logits, None
         if targets.shape != idx.shape:
             raise ModelError(f"targets must have the same shape as idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
@@ -187,9 +208,11 @@ class Transformer(nn.Module):
     def _embed(self, idx, cache=None):
         """Token embeddings (B, T, C), plus the bigram and smear terms if asked for. Both need the token before each
         position: none for a sequence's first, the cache's `last` token where decoding continues."""
-        if self.bigram_emb is None and self.smear_gate is None: return self.tok_emb(idx)
+        if self.bigram_emb is None and self.smear_gate is None:
+            return self.tok_emb(idx)
         prev = cache.last if cache is not None and cache.pos else None
-        if cache is not None: cache.last = idx[:, -1:]
+        if cache is not None:
+            cache.last = idx[:, -1:]
         ids = idx if prev is None else torch.cat([prev, idx], dim=1)
         e, n = self.tok_emb(ids), ids.size(1) - idx.size(1)   # n: 1 if the predecessor was put in front
         extra = 0.0                                            # for the positions ids[:, 1:], which have one
@@ -206,8 +229,10 @@ def num_params(self: Transformer, non_embedding: bool = False) -> int:
     "Number of parameters, a tied embedding/head counted once; `non_embedding` leaves out the tables only looked up."
     n = sum(p.numel() for p in self.parameters())
     if non_embedding:
-        if self.pos_emb is not None: n -= self.pos_emb.weight.numel()
-        if self.lm_head.weight is not self.tok_emb.weight: n -= self.tok_emb.weight.numel()   # untied: the head counts
+        if self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        if self.lm_head.weight is not self.tok_emb.weight:
+            n -= self.tok_emb.weight.numel()   # untied: the head counts
         n -= sum(e.weight.numel() for e in (self.value_emb, self.bigram_emb) if e is not None)
     return n
 
@@ -239,9 +264,12 @@ def check_sampling_args(max_new_tokens: int = 0, temperature: float = 1.0, top_k
     "Raise `ModelError` for sampling settings that make no sense, before any work is done."
     if not temperature > 0:   # also catches NaN
         raise ModelError(f"temperature must be > 0, got {temperature}; for greedy decoding use top_k=1")
-    if top_k is not None and top_k < 1: raise ModelError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1: raise ModelError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0: raise ModelError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if top_k is not None and top_k < 1:
+        raise ModelError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ModelError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ModelError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
 
 def _draw(logits, temperature: float, top_k, top_p, generator):
     """One token per row, `(B, 1)`, from the last position's `logits` (B, vocab): scaled, filtered, drawn. `generator`:
@@ -297,9 +325,11 @@ class KVCache:
     def append(self, layer: int, k, v):
         "Store `k`, `v` (B, n_head, T, head_size) after the cached positions; `layer`'s keys and values so far."
         end = self.pos + k.size(2)
-        if end > self.size: raise ModelError(f"the cache has room for {self.size} positions, not {end}")
+        if end > self.size:
+            raise ModelError(f"the cache has room for {self.size} positions, not {end}")
         if self.k is None or self.k.shape[1] != k.size(0) or self.k.dtype != k.dtype:   # a new batch or dtype
-            if self.pos: raise ModelError("a cache continues the batch and dtype it was filled with")
+            if self.pos:
+                raise ModelError("a cache continues the batch and dtype it was filled with")
             self.k = k.new_empty(self.n_layer, k.size(0), k.size(1), self.size, k.size(3))
             self.v = torch.empty_like(self.k)
         self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
@@ -308,7 +338,8 @@ class KVCache:
     def repeat(self, n: int):
         "Every cached row `n` times: one prompt, prefilled once, continued as `n` samples."
         self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        if self.last is not None: self.last = self.last.repeat_interleave(n, dim=0)
+        if self.last is not None:
+            self.last = self.last.repeat_interleave(n, dim=0)
         return self
 
 @patch
@@ -329,11 +360,14 @@ def stream(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0
         for i in range(max_new_tokens):
             if i == 0:                              # prefill the prompt, once for all the rows
                 logits, _ = self(idx[:, -self.block_size:], cache=kv)
-                if idx.size(0) < rows: kv.repeat(rows); logits = logits.expand(rows, -1, -1)
+                if idx.size(0) < rows:
+                    kv.repeat(rows)
+                    logits = logits.expand(rows, -1, -1)
             elif kv.pos == self.block_size:         # the context is full: prefill its last `keep` tokens again
                 kv.pos = 0
                 logits, _ = self(idx[:, -keep:], cache=kv)
-            else: logits, _ = self(nxt, cache=kv)   # decode one position
+            else:
+                logits, _ = self(nxt, cache=kv)   # decode one position
             nxt = _draw(logits[:, -1], temperature, top_k, top_p, generator)
             idx = torch.cat([idx.expand(rows, -1)[:, -self.block_size:], nxt], dim=1)
             yield nxt

@@ -18,7 +18,8 @@ __all__ = ['NS_COEFFICIENTS', 'BUDGET_HORIZON', 'param_groups', 'create_optimize
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     "Two AdamW parameter groups: 'decay' (every trainable tensor with dim >= 2) and 'no_decay' (the rest)."
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # each tied weight once
-    if not params: raise TinyLMError(f"{type(model).__name__} has no trainable parameters to optimise")
+    if not params:
+        raise TinyLMError(f"{type(model).__name__} has no trainable parameters to optimise")
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     return [dict(params=decay, weight_decay=weight_decay, name='decay'),
@@ -37,7 +38,8 @@ def _adamw(groups: list[dict], config: TrainingConfig) -> torch.optim.AdamW:
 def create_optimizer(model: torch.nn.Module, config: TrainingConfig):
     "The optimizer `config.optimizer` names: AdamW over `param_groups(model)`, or Muon + AdamW (`MuonWithAdamW`)."
     groups = param_groups(model, config.weight_decay)
-    if config.optimizer == 'adamw': return _adamw(groups, config)
+    if config.optimizer == 'adamw':
+        return _adamw(groups, config)
     return muon_with_adamw(model, groups, config)
 
 # %% ../nbs/06_optim.ipynb #bb8c15aa
@@ -64,7 +66,8 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, coefficients: str = 'muon', d
     "Newton–Schulz: roughly the nearest orthogonal matrix to `G` (rows, cols), or to each of a stack (n, rows, cols)."
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
-    if tall: X = X.mT                          # iterate on the wide side: the Gram matrix X Xᵀ is the smaller one
+    if tall:
+        X = X.mT                          # iterate on the wide side: the Gram matrix X Xᵀ is the smaller one
     scale = 1 + NS_COEFFICIENTS[coefficients]['margin']
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * scale).clamp(min=eps)    # every singular value <= 1
     addmm = torch.addmm if X.dim() == 2 else torch.baddbmm
@@ -78,13 +81,16 @@ def _seconds(f, reps: int) -> float:
     "The median wall time of `f()` over `reps` calls."
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
     return sorted(ts)[len(ts) // 2]
 
 @functools.cache
 def _bf16_native(device_type: str, index) -> bool:
     if device_type == 'cuda':
-        with torch.cuda.device(index or 0): return torch.cuda.is_bf16_supported(including_emulation=False)
+        with torch.cuda.device(index or 0):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     a = torch.linspace(-1, 1, 256 * 256, device=device).reshape(256, 256)   # no random numbers: the RNG stays put
     b = a.bfloat16()
@@ -100,7 +106,8 @@ def bf16_matmul_is_native(device='cpu') -> bool:
 
 def muon_ns_dtype(setting: str = 'auto', device='cpu') -> torch.dtype:
     "The dtype of Muon's Newton–Schulz iterations: `setting`, or for 'auto' bfloat16 where it is native, else float32."
-    if setting == 'auto': return torch.bfloat16 if bf16_matmul_is_native(device) else torch.float32
+    if setting == 'auto':
+        return torch.bfloat16 if bf16_matmul_is_native(device) else torch.float32
     dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
     if setting not in dtypes:
         raise ConfigError(f"muon_ns_dtype must be one of auto, float32, bfloat16; got {setting!r}")
@@ -109,7 +116,8 @@ def muon_ns_dtype(setting: str = 'auto', device='cpu') -> torch.dtype:
 # %% ../nbs/06_optim.ipynb #ecc411cd
 _TORCH_MUON_KEYS = ('ns_coefficients', 'eps', 'ns_steps', 'adjust_lr_fn')   # group keys of torch.optim.Muon's states
 
-def _dtype_name(dtype) -> str: return str(dtype).replace('torch.', '')
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace('torch.', '')
 
 class Muon(torch.optim.Optimizer):
     "Muon for 2-D parameters: Nesterov momentum, then Newton–Schulz orthogonalisation of same-shape matrices together."
@@ -118,7 +126,8 @@ class Muon(torch.optim.Optimizer):
                  stack: bool = True, normuon: bool = False, beta2: float = 0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
         shapes = [tuple(p.shape) for g in self.param_groups for p in g['params'] if p.dim() != 2]
-        if shapes: raise ValueError(f"Muon takes only 2-D matrices; got parameters of shape {shapes[:3]}")
+        if shapes:
+            raise ValueError(f"Muon takes only 2-D matrices; got parameters of shape {shapes[:3]}")
         for g in self.param_groups:   # optional `split`: each matrix of the group is that many row blocks
             if any(p.size(0) % g.get('split', 1) for p in g['params']):
                 raise ValueError(f"Muon group {g.get('name', '')!r}: split {g['split']} does not divide every "
@@ -141,26 +150,31 @@ class Muon(torch.optim.Optimizer):
         "`orthogonalize` every update, cut into `split` row blocks; with `stack`, the pieces of one shape together."
         pieces = [(i, piece) for i, (u, s) in enumerate(zip(updates, splits)) for piece in u.chunk(s, dim=0)]
         by_shape, done = {}, [None] * len(pieces)
-        for k, (_, piece) in enumerate(pieces): by_shape.setdefault(tuple(piece.shape), []).append(k)
+        for k, (_, piece) in enumerate(pieces):
+            by_shape.setdefault(tuple(piece.shape), []).append(k)
         ortho = lambda g: orthogonalize(g, self.ns_steps, self.ns_coefficients, self.ns_dtype)
         for ks in by_shape.values():
             together = self.stack and len(ks) > 1
             results = ortho(torch.stack([pieces[k][1] for k in ks])) if together else [ortho(pieces[k][1]) for k in ks]
-            for k, o in zip(ks, results): done[k] = o
+            for k, o in zip(ks, results):
+                done[k] = o
         out = [[] for _ in updates]
-        for (i, _), o in zip(pieces, done): out[i].append(o)
+        for (i, _), o in zip(pieces, done):
+            out[i].append(o)
         return [o[0] if len(o) == 1 else torch.cat(o) for o in out]
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
-            with torch.enable_grad(): loss = closure()
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params, split = [p for p in group['params'] if p.grad is not None], group.get('split', 1)
             updates = self._orthogonalize_all([self._momentum_update(p, group) for p in params], [split] * len(params))
             for p, u in zip(params, updates):
-                if self.normuon: u = self._per_neuron(p, u)
+                if self.normuon:
+                    u = self._per_neuron(p, u)
                 p.mul_(1 - group['lr'] * group['weight_decay'])
                 p.add_(u, alpha=-(group['lr'] * math.sqrt(max(1, p.size(0) / split / p.size(1)))))
         return loss
@@ -169,19 +183,22 @@ class Muon(torch.optim.Optimizer):
         """NorMuon (arXiv 2510.05491): each row (output neuron) of the orthogonalised update `u` divided by the root of
         its running mean square, then scaled back to `u`'s norm: orthogonal overall, even in size neuron by neuron."""
         state, u = self.state[p], u.to(p.dtype)   # in the parameter's precision, as a resume restores it
-        if 'neuron_second_moment' not in state: state['neuron_second_moment'] = u.new_zeros(u.size(0), 1)
+        if 'neuron_second_moment' not in state:
+            state['neuron_second_moment'] = u.new_zeros(u.size(0), 1)
         v = state['neuron_second_moment'].lerp_(u.square().mean(dim=1, keepdim=True), 1 - self.beta2)
         n = u / (v.sqrt() + 1e-10)
         return n * (u.norm() / n.norm().clamp_min(1e-10))
 
-    def state_dict(self) -> dict: return {**super().state_dict(), 'ns_dtype': _dtype_name(self.ns_dtype)}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), 'ns_dtype': _dtype_name(self.ns_dtype)}
 
     def load_state_dict(self, state_dict: dict):
         state_dict = dict(state_dict)
         saved = state_dict.pop('ns_dtype', 'bfloat16')     # torch.optim.Muon's states: always bfloat16
         super().load_state_dict(state_dict)
         for g in self.param_groups:
-            for k in _TORCH_MUON_KEYS: g.pop(k, None)       # those settings are the optimizer's here
+            for k in _TORCH_MUON_KEYS:
+                g.pop(k, None)       # those settings are the optimizer's here
         self.saved_ns_dtype = saved
 
 # %% ../nbs/06_optim.ipynb #893bc6ce
@@ -198,16 +215,19 @@ class MuonWithAdamW:
                      f"{_dtype_name(muon.ns_dtype)} Newton–Schulz, {muon.ns_steps} x {muon.ns_coefficients}) "
                      f"+ {adamw.impl} adamw")
     @property
-    def param_groups(self) -> list[dict]: return self.muon.param_groups + self.adamw.param_groups
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
     @property
-    def state(self) -> dict: return {**self.muon.state, **self.adamw.state}   # per parameter, as torch's optimizers
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}   # per parameter, as torch's optimizers
     def step(self):
         self.muon.step()
         self.adamw.step()
     def zero_grad(self, set_to_none: bool = True):
         self.muon.zero_grad(set_to_none=set_to_none)
         self.adamw.zero_grad(set_to_none=set_to_none)
-    def state_dict(self) -> dict: return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
+    def state_dict(self) -> dict:
+        return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
     def load_state_dict(self, d: dict):
         if not isinstance(d, dict) or set(d) != {'muon', 'adamw'}:
             raise ValueError("expected the state of a Muon + AdamW optimizer ('muon' and 'adamw')")
@@ -222,7 +242,8 @@ class MuonWithAdamW:
 def _agreed_dtype(dtype, device):
     "With several processes, bfloat16 only if every rank chose it: the ranks' weights must stay identical."
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return dtype
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dtype
     flag = torch.tensor([int(dtype == torch.bfloat16)], device=device if device.type == 'cuda' else 'cpu')
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return torch.bfloat16 if flag.item() else torch.float32
@@ -252,8 +273,10 @@ def lr_at(step: int, config: TrainingConfig) -> float:
         raise ValueError(f"step must be an integer >= 1 (optimizer steps are counted from 1), got {step!r}")
     peak, floor = config.learning_rate, config.min_lr
     warm, horizon = config.warmup_steps, config.lr_decay_steps
-    if step <= warm: return peak * (step / warm)  # step/warm == 1.0 exactly at the last warm-up step
-    if step >= horizon: return floor
+    if step <= warm:
+        return peak * (step / warm)  # step/warm == 1.0 exactly at the last warm-up step
+    if step >= horizon:
+        return floor
     if config.lr_schedule == 'wsd':
         start = max(warm, horizon - round(config.decay_fraction * horizon))   # the decay's first step
         return peak if step <= start else peak + (floor - peak) * (step - start) / (horizon - start)
@@ -264,7 +287,8 @@ def set_lr(optimizer, lr: float) -> None:
     "Set the learning rate of every parameter group of `optimizer` to `lr`, times the group's `lr_scale` (default 1)."
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
-    for group in optimizer.param_groups: group['lr'] = lr * group.get('lr_scale', 1.0)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
 
 # %% ../nbs/06_optim.ipynb #717a2a81
 BUDGET_HORIZON = 10**9                          # the steps of a budgeted run until its speed is measured
@@ -279,7 +303,8 @@ def apply_dials(base: TrainingConfig, overrides: dict | None = None) -> Training
     ov = dict(overrides or {})
     config = base.with_overrides(**ov)                   # every name and value checked first
     D = config.depth
-    if 'depth' in ov and D < 1: raise ConfigError(f"depth must be at least 1 (leave it out for no dial), got {D}")
+    if 'depth' in ov and D < 1:
+        raise ConfigError(f"depth must be at least 1 (leave it out for no dial), got {D}")
     if D:
         shape = dict(n_layer=D, n_head=D, n_embd=64 * D)
         for k, v in shape.items():
@@ -303,15 +328,19 @@ def apply_dials(base: TrainingConfig, overrides: dict | None = None) -> Training
 class TimeBudget:
     "With `time_budget`: after `probe` steps, the run's steps and the schedule's horizon, decided from their speed."
     order, probe = 5, 10
-    def before_fit(self, t): self.times = []
+    def before_fit(self, t):
+        self.times = []
     def after_step(self, t):
         c = t.config
-        if not c.time_budget or c.lr_decay_steps != BUDGET_HORIZON: return   # no budget, or already decided
+        if not c.time_budget or c.lr_decay_steps != BUDGET_HORIZON:
+            return   # no budget, or already decided
         self.times.append(t.step_seconds)
-        if len(self.times) < self.probe: return
+        if len(self.times) < self.probe:
+            return
         budget, per_step = parse_duration(c.time_budget), statistics.median(self.times[1:])
         steps = torch.tensor(t.step + max(0, int((budget - t.train_seconds) // per_step)))
-        if t.world_size > 1: torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
+        if t.world_size > 1:
+            torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
         steps = min(int(steps), c.max_steps)
         warm = min(c.warmup_steps, max(t.step, steps // 10))   # a warm-up of at most a tenth of the run
         t.config, t.max_steps = c.with_overrides(max_steps=steps, lr_decay_steps=steps, warmup_steps=warm), steps

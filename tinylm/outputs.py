@@ -25,14 +25,19 @@ def output_texts(cell) -> list[str]:
         kind = o.get('output_type')
         if kind == 'stream':
             text = f"[{o.get('name', 'stdout')}] {''.join(o.get('text', ''))}"
-            if out and out[-1].startswith(f"[{o.get('name', 'stdout')}] "): out[-1] += ''.join(o.get('text', ''))
-            else: out.append(text)
+            if out and out[-1].startswith(f"[{o.get('name', 'stdout')}] "):
+                out[-1] += ''.join(o.get('text', ''))
+            else:
+                out.append(text)
         elif kind in ('execute_result', 'display_data'):
             data = o.get('data', {})
-            if any(k.startswith('image/') for k in data): out.append('<image>')
-            else: out.append(''.join(next((data[k] for k in ('text/markdown', 'text/html', 'text/plain') if k in data),
-                                          '')))
-        elif kind == 'error': out.append(f"[error] {o.get('ename')}: {o.get('evalue')}")
+            if any(k.startswith('image/') for k in data):
+                out.append('<image>')
+            else:
+                out.append(''.join(next((data[k] for k in ('text/markdown', 'text/html', 'text/plain') if k in data),
+                                        '')))
+        elif kind == 'error':
+            out.append(f"[error] {o.get('ename')}: {o.get('evalue')}")
     return out
 
 def _numbers(text: str) -> tuple[str, list[float]]:
@@ -58,14 +63,17 @@ def stale_outputs(committed, executed) -> list[str]:
     "Where the executed copy of a notebook prints something else than its committed outputs, one line per cell."
     found = []
     for i, (c, e) in enumerate(zip(committed.cells, executed.cells)):
-        if c.cell_type != 'code': continue
+        if c.cell_type != 'code':
+            continue
         d, _ = split_directives(c.source)
         where = f"cell {i + 1} (`{_first_line(c.source)}`)"
         if _false(d.get('eval', 'true')):
-            if c.get('outputs'): found.append(f"{where} is not run (eval: false) but has committed outputs")
+            if c.get('outputs'):
+                found.append(f"{where} is not run (eval: false) but has committed outputs")
             continue
         if 'volatile' in d:
-            if not d['volatile']: found.append(f"{where} is marked volatile without a reason (`#| volatile: why`)")
+            if not d['volatile']:
+                found.append(f"{where} is marked volatile without a reason (`#| volatile: why`)")
             continue
         old, new = output_texts(c), output_texts(e)
         if len(old) != len(new) or not all(same_output(a, b) for a, b in zip(old, new)):
@@ -81,9 +89,11 @@ def check_book(nbs='nbs', timeout: int = 600, update: bool = False, log=print, o
     if only:
         names = {Path(n).stem for n in only}
         unknown = sorted(names - {p.stem for p in paths})
-        if unknown: raise DocsError(f"no notebook {', '.join(unknown)} in {nbs}")
+        if unknown:
+            raise DocsError(f"no notebook {', '.join(unknown)} in {nbs}")
         paths = [p for p in paths if p.stem in names]
-    if not paths: raise DocsError(f"no notebooks (*.ipynb) in {nbs}")
+    if not paths:
+        raise DocsError(f"no notebooks (*.ipynb) in {nbs}")
     for i, p in enumerate(paths, 1):
         t0 = time.time()
         nb = nbformat.read(p, as_version=4)
@@ -92,11 +102,13 @@ def check_book(nbs='nbs', timeout: int = 600, update: bool = False, log=print, o
         problems = [error] if error else stale_outputs(nb, executed)
         if update and not error:
             for c, e in zip(nb.cells, executed.cells):   # a cell that is not run keeps no output
-                if c.cell_type != 'code': continue
+                if c.cell_type != 'code':
+                    continue
                 c.outputs = [] if _false(split_directives(c.source)[0].get('eval', 'true')) else e.get('outputs', [])
             nbformat.write(nb, p)
             problems = []
-        if problems: found[p.name] = problems
+        if problems:
+            found[p.name] = problems
         log(f"[{i}/{len(paths)}] {p.name}: " + (f"{len(problems)} stale" if problems and not error else
                                                'FAILED' if error else 'updated' if update else 'ok')
             + f" ({time.time() - t0:.1f} s)")
@@ -119,7 +131,8 @@ def run(args) -> int:
     nbs, t0 = book_folder(args, 'tinylm_outputs'), time.time()
     stale = check_book(nbs, args.timeout, update=args.update, only=args.notebooks)
     for name, problems in stale.items():
-        for problem in problems: print_error(f"{nbs / name}: {problem}")
+        for problem in problems:
+            print_error(f"{nbs / name}: {problem}")
     n = len(args.notebooks) or len(find_notebooks(nbs))
     say(f"{'updated' if args.update else 'checked'} {n} notebooks in {time.time() - t0:.0f} s"
         + (f"; {sum(map(len, stale.values()))} stale outputs or failures in {len(stale)}" if stale else
@@ -130,4 +143,5 @@ main, cli = command(make_parser, run)
 
 # %% ../nbs/23_outputs.ipynb #efb2811b
 #| eval: false
-if __name__ == '__main__': cli()
+if __name__ == '__main__':
+    cli()

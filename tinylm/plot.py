@@ -22,16 +22,19 @@ __all__ = ['LOG_NAME', 'LN2', 'FORMATS', 'MAX_PIXELS', 'main', 'cli', 'PlotError
            'plot_curves', 'plot_log', 'save_figure', 'make_parser', 'run']
 
 # %% ../nbs/14_plot.ipynb #6d5c468e
-class PlotError(TinyLMError, ValueError): "A log that cannot be plotted, or a plot that cannot be written."
+class PlotError(TinyLMError, ValueError):
+    "A log that cannot be plotted, or a plot that cannot be written."
 
 LOG_NAME = 'train.jsonl'
 
 def find_log(path) -> Path:
     "The `train.jsonl` at `path`: the file itself, or the one inside a run folder."
     p = Path(path)
-    if not p.exists(): raise PlotError(f"not found: {p}")
+    if not p.exists():
+        raise PlotError(f"not found: {p}")
     if p.is_dir():
-        if not (p / LOG_NAME).is_file(): raise PlotError(f"no {LOG_NAME} in {p} (is it a tinylm run folder?)")
+        if not (p / LOG_NAME).is_file():
+            raise PlotError(f"no {LOG_NAME} in {p} (is it a tinylm run folder?)")
         return p / LOG_NAME
     return p
 
@@ -76,17 +79,22 @@ def loss_curves(records: list[dict], run_id: str | None = None) -> LossCurves:
         raise PlotError(f"run {run_id!r} is not in the log; it holds: {', '.join(run_ids) or 'no runs'}")
     train, val, bpb, lr, resumes, kind = {}, {}, {}, {}, [], 'char'
     for r in records:
-        if r.get('run_id') != run_id: continue
+        if r.get('run_id') != run_id:
+            continue
         ev = r.get('event')
-        if ev == 'run_start': kind = (r.get('tokenizer') or {}).get('kind', kind)
-        if ev == 'run_start' and r.get('resumed_from') is not None: resumes.append(_num(r, 'step'))
+        if ev == 'run_start':
+            kind = (r.get('tokenizer') or {}).get('kind', kind)
+        if ev == 'run_start' and r.get('resumed_from') is not None:
+            resumes.append(_num(r, 'step'))
         elif ev == 'step':
             step = _num(r, 'step')
             train[step] = _num(r, 'loss')
-            if r.get('lr') is not None: lr[step] = _num(r, 'lr')
+            if r.get('lr') is not None:
+                lr[step] = _num(r, 'lr')
         elif ev == 'eval' and r.get('val_loss') is not None:
             val[_num(r, 'step')] = _num(r, 'val_loss')
-            if r.get('val_bpb') is not None: bpb[_num(r, 'step')] = _num(r, 'val_bpb')
+            if r.get('val_bpb') is not None:
+                bpb[_num(r, 'step')] = _num(r, 'val_bpb')
     c = LossCurves(run_id, resume_steps=resumes, run_ids=run_ids, note=note, tokenizer=kind)
     c.val_bpb = [bpb.get(s) for s in sorted(val)]
     c.train_steps, c.train_loss = _series(train)
@@ -104,8 +112,10 @@ def plot_curves(curves: LossCurves, width: float = 8.0, height: float = 4.5, dpi
         raise PlotError(f"run {curves.run_id} has no step records to plot (did it stop before its first log line?)")
     fig = Figure(figsize=(width, height), dpi=dpi, layout='constrained')
     FigureCanvasAgg(fig)   # render with Agg: no display involved
-    if curves.lr_steps: ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={'height_ratios': [3, 1]})
-    else: ax, ax_lr = fig.add_subplot(), None
+    if curves.lr_steps:
+        ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={'height_ratios': [3, 1]})
+    else:
+        ax, ax_lr = fig.add_subplot(), None
     if curves.train_steps:
         ax.plot(curves.train_steps, curves.train_loss, color='C0', lw=1.5, label='train loss',
                 marker='.' if len(curves.train_steps) == 1 else None)
@@ -124,11 +134,14 @@ def plot_curves(curves: LossCurves, width: float = 8.0, height: float = 4.5, dpi
     ax.legend(loc='upper right')
     if ax_lr:
         ax_lr.plot(curves.lr_steps, curves.lr, color='C2', lw=1)
-        ax_lr.set_ylabel('learning rate'); ax_lr.set_ylim(bottom=0); ax_lr.grid(alpha=0.3)
+        ax_lr.set_ylabel('learning rate')
+        ax_lr.set_ylim(bottom=0)
+        ax_lr.grid(alpha=0.3)
         ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
     (ax_lr or ax).set_xlabel('step')
     title = title or f"tinylm run {curves.run_id}"
-    if curves.resume_steps: title += f" (resumed at step {', '.join(map(str, curves.resume_steps))})"
+    if curves.resume_steps:
+        title += f" (resumed at step {', '.join(map(str, curves.resume_steps))})"
     ax.set_title(title)
     return fig
 
@@ -143,7 +156,8 @@ FORMATS = ('png', 'svg', 'pdf')
 def save_figure(fig: Figure, path, dpi: float | None = None) -> Path:
     "Atomically write `fig` to `path` (PNG, SVG or PDF, from the suffix); a folder gets `loss.png` inside it."
     path = Path(path)
-    if path.is_dir(): path = path / 'loss.png'
+    if path.is_dir():
+        path = path / 'loss.png'
     fmt = path.suffix.lower().lstrip('.')
     if fmt not in FORMATS:
         raise PlotError(f"cannot tell the image format from {path.name!r}: the name must end in "
@@ -152,9 +166,12 @@ def save_figure(fig: Figure, path, dpi: float | None = None) -> Path:
 
 # %% ../nbs/14_plot.ipynb #56f9cccc
 def _positive(s: str) -> float:
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)): raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
     return v
 
 def make_parser() -> argparse.ArgumentParser:
@@ -185,7 +202,8 @@ def run(args) -> int:
         which = f" for run {curves.run_id}" if curves.run_id else ''
         raise PlotError(f"{log} has no step records{which}: nothing to plot (a run logs its first step record "
                         "after log_cadence steps)")
-    if curves.note: say(f"note: {curves.note}", sys.stderr)
+    if curves.note:
+        say(f"note: {curves.note}", sys.stderr)
     fig = plot_curves(curves, args.width, args.height, args.dpi)
     target = Path(args.output) if args.output else log.parent / 'loss.png'
     out = save_figure(fig, target, args.dpi)
@@ -198,4 +216,5 @@ main, cli = command(make_parser, run, before=lambda: matplotlib.use('Agg'))   # 
 
 # %% ../nbs/14_plot.ipynb #b69b4095
 #| eval: false
-if __name__ == '__main__': cli()   # `python -m tinylm.plot`
+if __name__ == '__main__':
+    cli()   # `python -m tinylm.plot`

@@ -24,7 +24,8 @@ __all__ = ['SEPARATOR', 'main', 'cli', 'SampleError', 'load_model', 'check_reque
            'write_samples', 'make_parser', 'read_prompt', 'run']
 
 # %% ../nbs/13_sample.ipynb #e57bef12
-class SampleError(TinyLMError, ValueError): "A bad sampling request: invalid setting, prompt or prompt file."
+class SampleError(TinyLMError, ValueError):
+    "A bad sampling request: invalid setting, prompt or prompt file."
 
 def load_model(path, device: str | torch.device = 'auto') -> tuple[Transformer, Tokenizer, dict]:
     "Rebuild (model in eval mode on `device`, tokenizer, checkpoint dict) from a checkpoint file or run folder."
@@ -38,14 +39,16 @@ def check_request(max_new_tokens: int = 0, temperature: float = 1.0, top_k: int 
                   top_p: float | None = None, num_samples: int = 1):
     "Raise for sampling settings that make no sense: the model's rules, and at least one sample."
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    if num_samples < 1: raise SampleError(f"num_samples must be at least 1, got {num_samples}")
+    if num_samples < 1:
+        raise SampleError(f"num_samples must be at least 1, got {num_samples}")
 
 def stream_tokens(model: Transformer, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None):
     "Yield `max_new_tokens` sampled token ids (ints), one at a time, continuing `idx` (1-D or shape (1, T))."
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     idx = torch.as_tensor(idx)
-    if idx.dim() == 1: idx = idx[None]
+    if idx.dim() == 1:
+        idx = idx[None]
     if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) == 0:
         raise SampleError(f"idx must be one non-empty sequence, shape (T,) or (1, T); got shape {tuple(idx.shape)}")
     idx = idx.to(next(model.parameters()).device, torch.long)
@@ -58,7 +61,8 @@ def encode_prompt(tok: Tokenizer, prompt: str) -> torch.Tensor:
     "The prompt's token ids (1-D long tensor); an empty prompt or an unknown character raises `SampleError`."
     if prompt == '':
         raise SampleError("the prompt is empty: give at least one character (the default prompt is a newline)")
-    try: ids = tok.encode(prompt)
+    try:
+        ids = tok.encode(prompt)
     except TokenizerError as e:
         raise SampleError(f"the prompt cannot be encoded: {e}; a character model only knows the characters of the text "
                           "it was trained on") from None
@@ -76,13 +80,19 @@ def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_token
     gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
     decoders = [StreamDecoder(tok) for _ in gens]   # each holds back a character whose bytes are not all there yet
     pieces = [[] for _ in gens]
-    out.write(prompt); out.flush()
+    out.write(prompt)
+    out.flush()
     for step in model.stream(ids[None].to(device), max_new_tokens, temperature, top_k, top_p, gens, keep):
-        for d, p, t in zip(decoders, pieces, step[:, 0].tolist()): p.append(d.step(t))
-        if pieces[0][-1]: out.write(pieces[0][-1]); out.flush()
-    for d, p in zip(decoders, pieces): p.append(d.flush())
+        for d, p, t in zip(decoders, pieces, step[:, 0].tolist()):
+            p.append(d.step(t))
+        if pieces[0][-1]:
+            out.write(pieces[0][-1])
+            out.flush()
+    for d, p in zip(decoders, pieces):
+        p.append(d.flush())
     out.write(pieces[0][-1] + '\n')
-    for p in pieces[1:]: out.write(f"{SEPARATOR}\n{prompt}{''.join(p)}\n")
+    for p in pieces[1:]:
+        out.write(f"{SEPARATOR}\n{prompt}{''.join(p)}\n")
     out.flush()
     return [''.join(p) for p in pieces]
 
@@ -127,7 +137,8 @@ def read_prompt(args) -> str:
         p = Path(args.prompt_file)
         if not p.is_file():
             raise SampleError(f"prompt file not found: {p}" if not p.exists() else f"prompt file {p} is not a file")
-        try: return p.read_text(encoding='utf-8')
+        try:
+            return p.read_text(encoding='utf-8')
         except UnicodeDecodeError as e:
             raise SampleError(f"prompt file {p} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
     return args.prompt
@@ -141,7 +152,8 @@ def run(args) -> int:
             print("note: bfloat16 is emulated on this machine, so --dtype bfloat16 is much slower than float32 here",
                   file=sys.stderr)
         model = model.to(torch.bfloat16)
-    if prompt is None: prompt = tok.default_prompt
+    if prompt is None:
+        prompt = tok.default_prompt
     encode_prompt(tok, prompt)   # fail before printing anything
     if args.keep is not None and not 1 <= args.keep <= model.block_size:
         raise SampleError(f"--keep-context must be between 1 and the model's context ({model.block_size}), "
@@ -152,11 +164,15 @@ def run(args) -> int:
 
 def _end_line():
     "After Ctrl+C in the middle of a sample: end the line, say nothing else."
-    try: sys.stdout.write('\n'); sys.stdout.flush()
-    except (OSError, ValueError): pass
+    try:
+        sys.stdout.write('\n')
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 main, cli = command(make_parser, run, on_interrupt=_end_line)
 
 # %% ../nbs/13_sample.ipynb #597dc0ec
 #| eval: false
-if __name__ == '__main__': cli()   # `python -m tinylm.sample`
+if __name__ == '__main__':
+    cli()   # `python -m tinylm.sample`

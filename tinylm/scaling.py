@@ -21,7 +21,8 @@ __all__ = ['VAL_FRACTION', 'doc_pages', 'docs_corpus', 'dial_rates', 'budget_run
 # %% ../nbs/19_scaling.ipynb #fd7de3da
 def _ar_members(raw: bytes, name: str):
     "(member name, bytes) of each member of a Unix `ar` archive: the container of a Debian package."
-    if not raw.startswith(b'!<arch>\n'): raise TinyLMError(f"{name}: not a Debian package (no ar archive header)")
+    if not raw.startswith(b'!<arch>\n'):
+        raise TinyLMError(f"{name}: not a Debian package (no ar archive header)")
     pos = 8
     while pos < len(raw):
         head = raw[pos:pos + 60]
@@ -42,10 +43,13 @@ def doc_pages(source) -> dict[str, str]:
     if p.is_dir():
         found = ((_page_name('/' + f.relative_to(p).as_posix()), f) for f in sorted(p.rglob('*.txt')))
         return {n: f.read_text(encoding='utf-8') for n, f in found if n}
-    try: raw = p.read_bytes()
-    except OSError as e: raise TinyLMError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise TinyLMError(f"cannot read {p}: {e.strerror or e}") from None
     data = next((b for n, b in _ar_members(raw, str(p)) if n.startswith('data.tar')), None)
-    if data is None: raise TinyLMError(f"{p}: a Debian package without a data.tar member")
+    if data is None:
+        raise TinyLMError(f"{p}: a Debian package without a data.tar member")
     try:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             return {n: tar.extractfile(m).read().decode('utf-8') for m in tar.getmembers()
@@ -57,7 +61,8 @@ def doc_pages(source) -> dict[str, str]:
 def docs_corpus(source, out) -> dict:
     "Write every page of the documentation package `source`, in path order, to the text file `out`; what it wrote."
     pages = doc_pages(source)
-    if not pages: raise TinyLMError(f"{source}: no documentation pages (html/_sources/*.txt) in it")
+    if not pages:
+        raise TinyLMError(f"{source}: no documentation pages (html/_sources/*.txt) in it")
     data = ('\n\n'.join(pages[k].strip() for k in sorted(pages)) + '\n').encode('utf-8')
     atomic_write(out, lambda f: f.write(data))
     return dict(pages=len(pages), bytes=len(data), mb=round(len(data) / 1e6, 3),
@@ -69,7 +74,8 @@ VAL_FRACTION = 0.01   # ~110,000 characters of the documentation corpus: whole-s
 def dial_rates(depth: int, factor: float = 1.0, recipe: str = 'modern') -> dict:
     "`--depth depth` on `recipe`, with its three learning rates (Muon, AdamW, AdamW's floor) × `factor`."
     c = apply_dials(load_config(recipe), dict(depth=depth))
-    if factor == 1: return dict(depth=depth)
+    if factor == 1:
+        return dict(depth=depth)
     return dict(depth=depth, muon_lr=c.muon_lr * factor, learning_rate=c.learning_rate * factor,
                 min_lr=c.min_lr * factor)
 
@@ -83,7 +89,8 @@ def budget_run(over: dict, seconds: float | None, data, folder, seed: int = 1337
     recs = train_log(['--config', recipe, '--data', data, '--seed', seed, *limit], {**over, **fixed}, folder, threads)
     start, budget = recs[0], next((r for r in recs if r['event'] == 'time_budget'), {})
     last = ([None] + [r for r in recs if r['event'] == 'eval'])[-1]
-    if last is None or (seconds and not budget): raise TinyLMError(f"a run of {over} ended before it was decided")
+    if last is None or (seconds and not budget):
+        raise TinyLMError(f"a run of {over} ended before it was decided")
     cfg = TrainingConfig(**start['config'])
     fpt, n = Transformer(start['vocab_size'], cfg).flops_per_token(), last['step']
     return dict(depth=cfg.depth, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_params=start['n_params'],
@@ -97,9 +104,11 @@ def parabola_min(x, y) -> tuple[float, bool]:
     """Where the parabola through the lowest point of `(x, y)` and its two neighbours is lowest, and whether the
     lowest point has a neighbour on each side (else it is at an edge of the `x` tried, and is returned as it is)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    i = int(np.argmin(y)); lo = min(max(i - 1, 0), len(x) - 3)
+    i = int(np.argmin(y))
+    lo = min(max(i - 1, 0), len(x) - 3)
     a, b, _ = np.polyfit(x[lo:lo + 3], y[lo:lo + 3], 2)
-    if a <= 0 or i in (0, len(x) - 1): return float(x[i]), False
+    if a <= 0 or i in (0, len(x) - 1):
+        return float(x[i]), False
     return float(-b / (2 * a)), True
 
 def power_fit(x, y) -> dict:

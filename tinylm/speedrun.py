@@ -68,7 +68,8 @@ def welch_faster(a: dict, b: dict) -> dict:
         if r['reached'] < max(2, len(r['runs'])):
             raise TinyLMError(f"{r['name']}: {r['reached']} of {len(r['runs'])} seeds reached {r['target_bpb']} bpb; "
                               "a comparison needs at least two, and all of them (raise max_steps)")
-    if a['target_bpb'] != b['target_bpb']: raise TinyLMError(f"{a['name']} and {b['name']} have different targets")
+    if a['target_bpb'] != b['target_bpb']:
+        raise TinyLMError(f"{a['name']} and {b['name']} have different targets")
     xa, xb = ([x['seconds'] for x in r['runs']] for r in (a, b))
     t = ttest_ind(xa, xb, equal_var=False, alternative='less')
     return dict(a=a['name'], b=b['name'], mean_a=statistics.fmean(xa), mean_b=statistics.fmean(xb),
@@ -82,18 +83,24 @@ def against(records: list[dict], base: dict, alpha: float = 0.01) -> list[dict]:
     a record in which some seed missed the target gets `p` None and is never adopted."""
     rows = []
     for r in records:
-        if r['name'] == base['name']: continue
-        try: w = welch_faster(r, base)
-        except TinyLMError: w = dict(a=r['name'], b=base['name'], mean_a=r['mean_s'], ratio=None, p=None)
+        if r['name'] == base['name']:
+            continue
+        try:
+            w = welch_faster(r, base)
+        except TinyLMError:
+            w = dict(a=r['name'], b=base['name'], mean_a=r['mean_s'], ratio=None, p=None)
         rows.append(dict(w, adopted=w['p'] is not None and w['p'] < alpha))
     return sorted(rows, key=lambda w: (w['p'] is None, w['mean_a'] if w['mean_a'] is not None else 1e18))
 
 # %% ../nbs/20_speedrun.ipynb #10996041
 def read_record(path) -> dict:
     "A speedrun record written by `tinylm_speedrun`, checked."
-    try: r = json.loads(Path(path).read_text(encoding='utf-8'))
-    except OSError as e: raise TinyLMError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError: raise TinyLMError(f"{path} is not a speedrun record (not JSON)") from None
+    try:
+        r = json.loads(Path(path).read_text(encoding='utf-8'))
+    except OSError as e:
+        raise TinyLMError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError:
+        raise TinyLMError(f"{path} is not a speedrun record (not JSON)") from None
     if not isinstance(r, dict) or not {'name', 'runs', 'reached', 'target_bpb', 'machine'} <= set(r):
         raise TinyLMError(f"{path} is not a speedrun record (it lacks name, runs, reached, target_bpb or machine)")
     return r
@@ -135,9 +142,12 @@ def run(args) -> int:
         raise ConfigError(f"give the record a name of letters, digits, '.', '_' or '-' (tinylm_speedrun NAME ...), "
                           f"or --compare A.json B.json; got {args.name!r}")
     for flag in ('seeds', 'max_steps', 'eval_cadence', 'threads'):
-        if getattr(args, flag) < 1: raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.seeds < 2: raise ConfigError("--seeds must be at least 2: a record is compared by its spread")
-    if not args.target > 0: raise ConfigError(f"--target must be a positive number of bits per byte, got {args.target}")
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.seeds < 2:
+        raise ConfigError("--seeds must be at least 2: a record is compared by its spread")
+    if not args.target > 0:
+        raise ConfigError(f"--target must be a positive number of bits per byte, got {args.target}")
     train = (['--config', args.config] if args.config else []) + [a for kv in args.overrides for a in ('--set', kv)]
     rec = speedrun(args.name, train, tuple(range(args.seeds)), args.max_steps, args.eval_cadence, args.target,
                    args.threads)
@@ -145,7 +155,8 @@ def run(args) -> int:
     if rec['reached']:
         say(f"{args.name}: {rec['reached']} of {len(rec['runs'])} seeds reached {args.target} bpb, in "
             f"{rec['mean_s']:.2f} s of training on average (sd {rec['std_s'] or 0:.2f}); record: {path}")
-    else: say(f"{args.name}: no seed reached {args.target} bpb in {args.max_steps} steps; record: {path}")
+    else:
+        say(f"{args.name}: no seed reached {args.target} bpb in {args.max_steps} steps; record: {path}")
     say(f"machine: {describe_kind(rec['machine'])}")
     return 0
 
@@ -168,7 +179,8 @@ def nanogpt_log_seconds(log: str, steps: int) -> dict:
         raise TinyLMError(f"the nanoGPT log has {len(ms)} iterations, not the {steps + 1} (0..{steps}) it should")
     inner = [ms[i] for i in range(1, steps)]
     vals = [(int(m[1]), float(m[2])) for m in _STEP.finditer(log)]
-    if not vals or vals[-1][0] != steps: raise TinyLMError(f"the nanoGPT log has no val loss at step {steps}")
+    if not vals or vals[-1][0] != steps:
+        raise TinyLMError(f"the nanoGPT log has no val loss at step {steps}")
     return dict(steps=steps, seconds=(sum(inner) + statistics.median(inner)) / 1000, median_ms=statistics.median(inner),
                 val_loss=vals[-1][1], val_bpb=vals[-1][1] / math.log(2))   # one character is one byte here
 
@@ -176,7 +188,8 @@ def nanogpt_seconds(repo, steps: int = 2000, threads: int = 2, env: dict | None 
     """nanoGPT's baby recipe trained for `steps` from the checkout `repo`, on the bundled corpus, with `env` added to
     its environment (an AVX2 hold, say): `nanogpt_log_seconds`."""
     repo = Path(repo)
-    if not (repo / 'train.py').is_file(): raise TinyLMError(f"{repo} is not a nanoGPT checkout (no train.py)")
+    if not (repo / 'train.py').is_file():
+        raise TinyLMError(f"{repo} is not a nanoGPT checkout (no train.py)")
     with tempfile.TemporaryDirectory() as d:
         for name in ('train.py', 'model.py', 'configurator.py', 'config', 'data/shakespeare_char/prepare.py'):
             (Path(d) / name).parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +201,8 @@ def nanogpt_seconds(repo, steps: int = 2000, threads: int = 2, env: dict | None 
             raise TinyLMError(f"nanoGPT's prepare.py failed: {r.stderr.strip()[-300:]}")
         r = run('train.py', *NANOGPT_BABY, f'--max_iters={steps}', f'--lr_decay_iters={steps}',
                 f'--eval_interval={steps}', f'--out_dir={d}/out')
-        if r.returncode: raise TinyLMError(f"nanoGPT's train.py failed: {r.stderr.strip()[-300:]}")
+        if r.returncode:
+            raise TinyLMError(f"nanoGPT's train.py failed: {r.stderr.strip()[-300:]}")
     return nanogpt_log_seconds(r.stdout, steps)
 
 # %% ../nbs/20_speedrun.ipynb #d76508ba

@@ -31,16 +31,20 @@ class _TokenizerBase:
     def sha256(self) -> str:
         "Hex SHA-256 of `to_str()` (UTF-8): the fingerprint of the vocabulary."
         return hashlib.sha256(self.to_str().encode('utf-8')).hexdigest()
-    def __len__(self): return self.vocab_size
+    def __len__(self):
+        return self.vocab_size
     def __eq__(self, other):
-        if not isinstance(other, _TokenizerBase): return NotImplemented
+        if not isinstance(other, _TokenizerBase):
+            return NotImplemented
         return self.kind == other.kind and self.to_str() == other.to_str()
-    def __hash__(self): return hash(self.sha256)
+    def __hash__(self):
+        return hash(self.sha256)
 
 # %% ../nbs/01_tokenizer.ipynb #9bb3c53e
 def _codepoints(text: str, offset: int = 0) -> np.ndarray:
     "The Unicode code points of `text` as a uint32 array, one per character (no Python loop)."
-    try: return np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
+    try:
+        return np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
     except UnicodeEncodeError as e:  # only lone surrogates ('\ud800'...) cannot be encoded
         raise TokenizerError(f"character {text[e.start]!r} at position {offset + e.start} is a lone surrogate, "
                              "not a real character; the text was probably decoded incorrectly") from None
@@ -58,11 +62,13 @@ class Tokenizer(_TokenizerBase):
     def __init__(self, chars: str):
         if not isinstance(chars, str):
             raise TokenizerError(f"the vocabulary must be a str of characters, got {type(chars).__name__}")
-        if not chars: raise TokenizerError("the vocabulary is empty: a tokenizer needs at least one character")
+        if not chars:
+            raise TokenizerError("the vocabulary is empty: a tokenizer needs at least one character")
         if len(set(chars)) != len(chars):
             seen, dups = set(), []
             for c in chars:
-                if c in seen and c not in dups: dups.append(c)
+                if c in seen and c not in dups:
+                    dups.append(c)
                 seen.add(c)
             raise TokenizerError(f"the vocabulary has duplicate characters: {', '.join(map(_describe, dups))}")
         if chars != ''.join(sorted(chars)):
@@ -88,9 +94,11 @@ class Tokenizer(_TokenizerBase):
         "The tokenizer of the characters of `pieces` (texts, or one text); its size is theirs: `vocab_size` is ignored."
         chars = ''
         for piece in [pieces] if isinstance(pieces, str) else pieces:
-            if not isinstance(piece, str): raise TokenizerError(f"text must be a str, got {type(piece).__name__}")
+            if not isinstance(piece, str):
+                raise TokenizerError(f"text must be a str, got {type(piece).__name__}")
             chars = cls.chars_of(piece, chars)
-        if not chars: raise TokenizerError("cannot build a vocabulary from empty text")
+        if not chars:
+            raise TokenizerError("cannot build a vocabulary from empty text")
         return cls(chars)
 
     @classmethod
@@ -107,27 +115,35 @@ class Tokenizer(_TokenizerBase):
             part = text[start:start + _SLICE]
             if part.isascii():
                 new = part.encode('ascii').translate(None, seen)   # the bytes not met before: usually none
-                if new: seen += bytes(np.flatnonzero(np.bincount(np.frombuffer(new, np.uint8))).tolist())
-            else: other.update(part)
+                if new:
+                    seen += bytes(np.flatnonzero(np.bincount(np.frombuffer(new, np.uint8))).tolist())
+            else:
+                other.update(part)
         return ''.join(sorted(other | set(seen.decode('ascii'))))
 
     @property
-    def chars(self) -> str: return self._chars
+    def chars(self) -> str:
+        return self._chars
     @property
-    def vocab_size(self) -> int: return len(self._chars)
-    def to_str(self) -> str: return self._chars
+    def vocab_size(self) -> int:
+        return len(self._chars)
+    def to_str(self) -> str:
+        return self._chars
     @cached_property
-    def token_bytes(self) -> list[bytes]: return [c.encode('utf-8') for c in self._chars]
+    def token_bytes(self) -> list[bytes]:
+        return [c.encode('utf-8') for c in self._chars]
     def safe_cut(self, text: str) -> int:
         "Where `text` can be cut and its parts encoded apart with the ids of the whole: anywhere, one id per character."
         return len(text)
-    def __repr__(self): return f"Tokenizer(vocab_size={self.vocab_size})"
+    def __repr__(self):
+        return f"Tokenizer(vocab_size={self.vocab_size})"
 
 # %% ../nbs/01_tokenizer.ipynb #3cadb917
 @patch
 def encode(self: Tokenizer, text: str, offset: int = 0) -> np.ndarray:
     "Ids of the characters of `text` (1-D, `self.dtype`); an unknown one raises `TokenizerError` (at `offset` + i)."
-    if not isinstance(text, str): raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
+    if not isinstance(text, str):
+        raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
     out = np.empty(len(text), dtype=self.dtype)
     for start in range(0, len(text), _SLICE):
         part = text[start:start + _SLICE]
@@ -158,9 +174,12 @@ def _as_ids(ids, vocab_size: int | None = None, unit: str = 'tokens') -> np.ndar
     elif not isinstance(ids, (list, tuple, np.ndarray)):
         raise TokenizerError(f"ids must be a list, tuple, numpy array or torch tensor, got {type(ids).__name__}")
     arr = np.asarray(ids)
-    if arr.size == 0: return np.zeros(0, dtype=np.int64)
-    if arr.dtype.kind not in 'iu': raise TokenizerError(f"ids must be integers, got values of dtype {arr.dtype}")
-    if arr.ndim != 1: raise TokenizerError(f"ids must be one-dimensional, got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in 'iu':
+        raise TokenizerError(f"ids must be integers, got values of dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise TokenizerError(f"ids must be one-dimensional, got shape {tuple(arr.shape)}")
     bad = (arr < 0) | (arr >= vocab_size) if vocab_size is not None else None
     if bad is not None and bad.any():
         pos = int(bad.argmax())
@@ -196,5 +215,6 @@ def from_state_dict(cls: _TokenizerBase, d):
     if d.get('version', 1) != 1:
         raise TokenizerError(f"tokenizer state has version {d.get('version')!r}; this tinylm reads version 1 only")
     key = cls._state_key
-    if key not in d: raise TokenizerError(f"tokenizer state is missing {key!r} (the vocabulary)")
+    if key not in d:
+        raise TokenizerError(f"tokenizer state is missing {key!r} (the vocabulary)")
     return cls(d[key])

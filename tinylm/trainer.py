@@ -30,10 +30,12 @@ __all__ = ['HookFailed', 'TrainingDiverged', 'Trainer', 'Evaluator', 'Sampler', 
            'Checkpointer', 'GracefulStop']
 
 # %% ../nbs/09_trainer.ipynb #7f733842
-class HookFailed(TinyLMError): "A hook raised in the middle of a run, which was saved first."
+class HookFailed(TinyLMError):
+    "A hook raised in the middle of a run, which was saved first."
 
 # %% ../nbs/09_trainer.ipynb #bb026f38
-class TrainingDiverged(TinyLMError): "The loss became NaN or infinite."
+class TrainingDiverged(TinyLMError):
+    "The loss became NaN or infinite."
 
 class Trainer:
     "Runs optimizer steps on `model` and calls `hooks` around them; saves and restores complete checkpoints."
@@ -57,16 +59,20 @@ class Trainer:
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps
 
     @property
-    def raw_model(self) -> nn.Module: return unwrap_model(self.model)
+    def raw_model(self) -> nn.Module:
+        return unwrap_model(self.model)
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
     @property
-    def data_position(self) -> int: return self.step * self.config.grad_accum_steps
+    def data_position(self) -> int:
+        return self.step * self.config.grad_accum_steps
     @property
     def precision(self) -> str:
         "What the steps compute in: `config.precision`, with `auto` decided once for this model and machine (ch. 7)."
-        if self._precision is None: self._precision, self.precision_probe = choose_precision(
-            self.config.precision, self.raw_model, self.config.batch_size, self.config.block_size, self.device)
+        if self._precision is None:
+            self._precision, self.precision_probe = choose_precision(
+                self.config.precision, self.raw_model, self.config.batch_size, self.config.block_size, self.device)
         return self._precision
 
     def phase(self, name: str):
@@ -76,13 +82,19 @@ class Trainer:
     def fire(self, event: str, safely: bool = False):
         "Call `event` on every hook defining it, in `order`; `safely`: every hook gets its turn, none masks an error."
         for h in self.hooks:
-            if (fn := getattr(h, event, None)) is None: continue
+            if (fn := getattr(h, event, None)) is None:
+                continue
             if not safely:
-                try: fn(self)
-                except BaseException: self.failed_hook = h; raise   # remembered, so that `fit` can save the run
+                try:
+                    fn(self)
+                except BaseException:
+                    self.failed_hook = h
+                    raise   # remembered, so that `fit` can save the run
             else:
-                try: fn(self)
-                except Exception: pass
+                try:
+                    fn(self)
+                except Exception:
+                    pass
 
     def request_stop(self, signum=None):
         "Ask the loop to stop at the next step boundary (signal handlers call this; it only sets flags)."
@@ -92,29 +104,39 @@ class Trainer:
 @patch
 def training_step(self: Trainer, batch):
     "One optimizer step on `batch` (an `(x, y)` pair or a list of micro-batch pairs); returns the detached loss."
-    if self.restore_position is not None: raise TinyLMError(self._unplaced_message())
+    if self.restore_position is not None:
+        raise TinyLMError(self._unplaced_message())
     micro = batch if isinstance(batch, list) else [batch]
-    if self.status != 'running': self.begin()   # a hand-written loop: start the run on its first step
+    if self.status != 'running':
+        self.begin()   # a hand-written loop: start the run on its first step
     t0 = time.perf_counter()
     self.fire('before_step')
     self.lr = lr_at(self.step + 1, self.config)
     set_lr(self.optimizer, self.lr)
-    if not self.model.training: self.model.train()   # walking the module tree every step costs ~0.1 ms
+    if not self.model.training:
+        self.model.train()   # walking the module tree every step costs ~0.1 ms
     total = torch.zeros((), device=self.device)
     for i, (x, y) in enumerate(micro):
-        with self.phase('data'): x, y = to_device(x, self.device), to_device(y, self.device)
+        with self.phase('data'):
+            x, y = to_device(x, self.device), to_device(y, self.device)
         sync = self.model.no_sync() if i < len(micro) - 1 and hasattr(self.model, 'no_sync') else nullcontext()
         with sync:
-            with self.phase('forward'), autocast(self.device, self.precision): _, loss = self.model(x, y)
+            with self.phase('forward'), autocast(self.device, self.precision):
+                _, loss = self.model(x, y)
             with self.phase('backward'):
                 part = loss / len(micro)
                 (part if self.scaler is None else self.scaler.scale(part)).backward()
         total += loss.detach().float() / len(micro)
     with self.phase('optimizer'):
-        if self.scaler is not None: self.scaler.unscale_(self.optimizer)   # clip the true gradients
-        if self.config.grad_clip > 0: torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        if self.scaler is None: self.optimizer.step()
-        else: self.scaler.step(self.optimizer); self.scaler.update()   # skips a step whose gradients overflowed
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)   # clip the true gradients
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()   # skips a step whose gradients overflowed
         self.optimizer.zero_grad(set_to_none=True)
     self.step += 1
     self.last_loss = total
@@ -135,7 +157,8 @@ def training_step(self: Trainer, batch):
 @torch.no_grad()
 def evaluate(self: Trainer, n_batches: int | None = None) -> float:
     "Mean loss per token over the validation batches (all, or the first `n_batches`), and bits per byte; `after_eval`."
-    if self.val_dataloader is None: raise TinyLMError("evaluate() needs a val_dataloader")
+    if self.val_dataloader is None:
+        raise TinyLMError("evaluate() needs a val_dataloader")
     was_training = self.model.training
     self.model.eval()
     counts = TextCounts(self.tokenizer) if self.tokenizer is not None else None   # exact integers, apart from sums
@@ -143,16 +166,22 @@ def evaluate(self: Trainer, n_batches: int | None = None) -> float:
         with fork_rng(self.device):
             sums = torch.zeros(2, device=self.device)   # (loss x tokens, tokens)
             for i, (x, y) in enumerate(self.val_dataloader):
-                if n_batches is not None and i >= n_batches: break
-                if len(x) == 0: continue   # a rank's share of a short last batch can be empty
+                if n_batches is not None and i >= n_batches:
+                    break
+                if len(x) == 0:
+                    continue   # a rank's share of a short last batch can be empty
                 with autocast(self.device, self.precision):
                     _, loss = self.model(to_device(x, self.device), to_device(y, self.device))
                 sums += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=self.device)])
-                if counts is not None: counts.add(y)
-            if self.world_size > 1: torch.distributed.all_reduce(sums)
-            if self.world_size > 1 and counts is not None: counts.all_reduce(self.device)
+                if counts is not None:
+                    counts.add(y)
+            if self.world_size > 1:
+                torch.distributed.all_reduce(sums)
+            if self.world_size > 1 and counts is not None:
+                counts.all_reduce(self.device)
             val = (sums[0] / sums[1]).item()
-    finally: self.model.train(was_training)
+    finally:
+        self.model.train(was_training)
     self.last_val_bpb, self.last_val_bpc = counts.bits(val) if counts else (None, val / math.log(2))
     self.last_val_loss, self.last_eval_step = val, self.step
     self.best_val_loss = min(self.best_val_loss, val)
@@ -167,7 +196,8 @@ def sample(self: Trainer, length: int | None = None, prompt: str | None = None, 
     length = self.config.sample_length if length is None else length
     seed = self.config.sample_seed if seed is None else seed
     tok = self.tokenizer
-    if prompt is None: prompt = tok.default_prompt
+    if prompt is None:
+        prompt = tok.default_prompt
     idx = torch.tensor(np.asarray(tok.encode(prompt), dtype=np.int64), device=self.device)[None]
     g = torch.Generator(device=self.device).manual_seed(seed)
     with fork_rng(self.device):
@@ -181,7 +211,8 @@ def sample(self: Trainer, length: int | None = None, prompt: str | None = None, 
 def _place_loader(self: Trainer, loader):
     "Put `loader`'s sampler at `data_position` (it must have one if a checkpoint's position is waiting)."
     bs = getattr(loader, 'batch_sampler', None)
-    if hasattr(bs, 'set_position'): bs.set_position(self.data_position)
+    if hasattr(bs, 'set_position'):
+        bs.set_position(self.data_position)
     elif self.restore_position is not None:
         raise TinyLMError("cannot put this training loader at the checkpoint's data position: its batch_sampler has no "
                           "set_position (build it with tinylm.data.make_dataloaders, or set trainer.restore_position = "
@@ -199,7 +230,8 @@ def _unplaced_message(self: Trainer) -> str:
 def begin(self: Trainer, train_loader=None, max_steps: int | None = None):
     "Start a run: put `train_loader` at the trainer's data position, then fire `before_fit`."
     self.max_steps = self.config.max_steps if max_steps is None else max_steps
-    if train_loader is not None: self._place_loader(train_loader)
+    if train_loader is not None:
+        self._place_loader(train_loader)
     self.precision                 # decided (on a CPU, measured) before the clock starts and the run is recorded
     self.status, self.t_start, self.start_step = 'running', time.time(), self.step
     self.fire('before_fit')
@@ -209,8 +241,10 @@ def begin(self: Trainer, train_loader=None, max_steps: int | None = None):
 def end(self: Trainer, status: str | None = None):
     "Finish a run begun with `begin`: record its status, fire `after_fit`, then `teardown`."
     self.status = status or ('completed' if self.step >= self.max_steps else 'interrupted')
-    try: self.fire('after_fit')
-    finally: self.fire('teardown', safely=True)
+    try:
+        self.fire('after_fit')
+    finally:
+        self.fire('teardown', safely=True)
     return self
 
 @patch
@@ -218,7 +252,8 @@ def fit(self: Trainer, train_loader, max_steps: int | None = None):
     "Train until `max_steps` total steps (default `config.max_steps`) or a stop request."
     try:
         self.begin(train_loader, max_steps)
-        with fork_rng(self.device): batches = iter(train_loader)   # DataLoader.__iter__ may draw from the global RNG
+        with fork_rng(self.device):
+            batches = iter(train_loader)   # DataLoader.__iter__ may draw from the global RNG
         accum = self.config.grad_accum_steps
         while self.step < self.max_steps and not self._should_stop():
             batch = next(batches) if accum == 1 else [next(batches) for _ in range(accum)]
@@ -226,8 +261,10 @@ def fit(self: Trainer, train_loader, max_steps: int | None = None):
     except BaseException as e:   # Ctrl+C without the GracefulStop hook, or a real failure
         self.status, self.error = ('interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'), e
         saved = self._save_after_hook_failure(e)
-        self.fire('after_fit', safely=True); self.fire('teardown', safely=True)
-        if saved is None: raise
+        self.fire('after_fit', safely=True)
+        self.fire('teardown', safely=True)
+        if saved is None:
+            raise
         raise HookFailed(f"the {hook_name(self.failed_hook)} hook failed at step {self.step} ({type(e).__name__}: "
                          f"{str(e).strip()[:300]}); the run was saved first: resume with tinylm_train --resume "
                          f"{saved}") from e
@@ -241,16 +278,20 @@ def _save_after_hook_failure(self: Trainer, e: BaseException):
     if (h is None or ck is None or h is ck or self.world_size > 1 or not isinstance(e, Exception)
             or isinstance(e, (TrainingDiverged, SaveError)) or self.step in (0, getattr(ck, 'last_saved', None))):
         return None   # nothing new to save, no checkpointer, or several processes (the others are not here)
-    try: ck.save(self)
-    except Exception: return None   # a model that cannot be saved (NaN, a full disk): the first error stands
+    try:
+        ck.save(self)
+    except Exception:
+        return None   # a model that cannot be saved (NaN, a full disk): the first error stands
     return self.last_checkpoint
 
 @patch
 def _should_stop(self: Trainer) -> bool:
     "Stop now? With several processes, all ranks agree (chapter 7): the agreed answer, never the local flag."
-    if self.world_size == 1: return self.stop_requested
+    if self.world_size == 1:
+        return self.stop_requested
     agreed = agree_on_stop(self.stop_signal or (1 if self.stop_requested else 0), self.device)
-    if agreed and not self.stop_requested: self.request_stop(agreed if agreed > 1 else None)
+    if agreed and not self.stop_requested:
+        self.request_stop(agreed if agreed > 1 else None)
     return bool(agreed)
 
 # %% ../nbs/09_trainer.ipynb #94f2830b
@@ -258,7 +299,8 @@ def _should_stop(self: Trainer) -> bool:
 def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None, rng_ranks: list | None = None) -> dict:
     "Everything needed to continue this run bit-exactly, as plain data (with every rank's random state if given)."
     tok = tokenizer or self.tokenizer
-    if tok is None: raise TinyLMError("a checkpoint needs the tokenizer: pass it to the Trainer or to save_checkpoint")
+    if tok is None:
+        raise TinyLMError("a checkpoint needs the tokenizer: pass it to the Trainer or to save_checkpoint")
     return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION,
             'step': self.step, 'run_id': self.run_id, 'config': self.config.to_dict(),
             'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
@@ -295,10 +337,12 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     device = pick_device(config.device) if device is None else torch.device(device)
     model.to(device)
     optimizer = create_optimizer(model, config)
-    try: optimizer.load_state_dict(ckpt['optimizer'])
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{where}: the optimizer state does not fit the model: {str(e)[:200]}") from None
-    if wrap is not None: model = wrap(model)
+    if wrap is not None:
+        model = wrap(model)
     trainer = cls(model, optimizer, config, val_dataloader, tok, hooks, device=device, rank=rank, world_size=world_size)
     trainer.step, trainer.run_id = int(ckpt['step']), ckpt['run_id']
     trainer.best_val_loss = float(ckpt.get('best_val_loss', math.inf))
@@ -307,11 +351,13 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     trainer.restore_position = ckpt['sampler']['batches_consumed']
     trainer.saved_machine, trainer.saved_world_size = ckpt.get('machine'), int(ckpt.get('world_size') or 1)
     trainer._precision, trainer.precision_probe = resumed_precision(ckpt, config.precision, device)
-    if (scale := scaler_state(ckpt, trainer.scaler is not None)) is not None: trainer.scaler.load_state_dict(scale)
+    if (scale := scaler_state(ckpt, trainer.scaler is not None)) is not None:
+        trainer.scaler.load_state_dict(scale)
     if trainer.restore_position != trainer.data_position:
         raise CheckpointError(f"{where}: its data position ({trainer.restore_position} batches) does not match step "
                               f"{trainer.step} x grad_accum_steps {config.grad_accum_steps}")
-    if train_dataloader is not None: trainer._place_loader(train_dataloader)
+    if train_dataloader is not None:
+        trainer._place_loader(train_dataloader)
     ranks = ckpt.get('rng_ranks')
     restore_rng(ranks[rank] if ranks is not None and len(ranks) == world_size else ckpt['rng'])
     return trainer
@@ -322,15 +368,18 @@ class Evaluator(Hook):
     order = 10
     def after_step(self, t):
         c = t.config.eval_cadence
-        if c and t.step % c == 0 and t.val_dataloader is not None: t.evaluate()
+        if c and t.step % c == 0 and t.val_dataloader is not None:
+            t.evaluate()
     def after_fit(self, t):
-        if t.status == 'completed' and t.last_eval_step != t.step and t.val_dataloader is not None: t.evaluate()
+        if t.status == 'completed' and t.last_eval_step != t.step and t.val_dataloader is not None:
+            t.evaluate()
 
 class Sampler(Hook):
     "Sample `sample_length` tokens every `sampling_cadence` steps and at the end of a completed run; needs a tokenizer."
     order = 20
     def before_fit(self, t):   # what sampling needs is checked before step 1, not found missing at step 20
-        if not t.config.sample_length or t.tokenizer is None: return
+        if not t.config.sample_length or t.tokenizer is None:
+            return
         p = t.tokenizer.default_prompt
         if len(ids := t.tokenizer.encode(p)) == 0:
             raise TinyLMError(f"the tokenizer encodes the sampling prompt {p!r} to no tokens, so no sample could "
@@ -340,7 +389,8 @@ class Sampler(Hook):
                               "its samples would not be the text it was given; use a byte-level BPE or characters")
     def after_step(self, t):
         c = t.config.sampling_cadence
-        if c and t.config.sample_length and t.tokenizer is not None and t.step % c == 0: t.sample()
+        if c and t.config.sample_length and t.tokenizer is not None and t.step % c == 0:
+            t.sample()
     def after_fit(self, t):
         if t.status == 'completed' and t.last_sample_step != t.step and t.config.sample_length and t.tokenizer:
             t.sample()
