@@ -1,5 +1,6 @@
-"""The book's layout: chapters import only from earlier chapters, modules stay small, and `__all__` holds what users
-import (no method spread over cells with @patch leaks out as a bare function)."""
+"""The book's layout: chapters import only from earlier chapters, every collective lives in one module, module
+docstrings are sentences, and `__all__` holds what users import (no method spread over cells with @patch leaks out as
+a bare function)."""
 import ast, importlib, inspect, json, re
 from pathlib import Path
 
@@ -63,10 +64,57 @@ def test_no_chapter_reads_ahead(nb, tmp_path):
         assert chapter(other) <= own, (f"{nb.name} imports tinylm.{name} from the later chapter {chapter(other)}")
 
 
+COLLECTIVES = {'all_reduce', 'all_gather', 'all_gather_object', 'all_gather_into_tensor', 'all_to_all',
+               'all_to_all_single', 'broadcast', 'broadcast_object_list', 'barrier', 'monitored_barrier', 'reduce',
+               'reduce_scatter', 'reduce_scatter_tensor', 'gather', 'gather_object', 'scatter', 'scatter_object_list',
+               'send', 'recv', 'isend', 'irecv'}
+
+
+def collective_calls(path: Path) -> list[str]:
+    "Where `path` reaches a `torch.distributed` collective itself: `torch.distributed.X`, an alias's `X`, or `X` imported."
+    tree = ast.parse(path.read_text(encoding='utf-8'))
+    aliases, found = {'torch.distributed'}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.name == 'torch.distributed' and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module == 'torch.distributed':
+            found += [f"line {node.lineno}: from torch.distributed import {a.name}" for a in node.names
+                      if a.name in COLLECTIVES]
+        elif isinstance(node, ast.ImportFrom) and node.module == 'torch':
+            aliases |= {a.asname or a.name for a in node.names if a.name == 'distributed'}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in aliases:
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize('path', [p for p in MODULES if p.stem != 'distributed'], ids=lambda p: p.stem)
+def test_collectives_live_in_the_distributed_module(path):
+    """Every all-reduce, gather, broadcast and barrier goes through tinylm.distributed, which puts its tensor where the
+    backend needs it (the rank's GPU for NCCL, the CPU for gloo): a CPU tensor handed to NCCL fails on the first GPU."""
+    found = collective_calls(path)
+    assert not found, f"{path.name} calls torch.distributed's collectives itself (use tinylm.distributed): {found}"
+
+
+def test_the_collective_check_finds_a_direct_call(tmp_path):
+    bad = tmp_path / 'bad.py'
+    bad.write_text("import torch\nimport torch.distributed as dist\nfrom torch import distributed as d2\n"
+                   "def f(t):\n    torch.distributed.all_reduce(t)\n    dist.barrier()\n    d2.broadcast(t, 0)\n")
+    assert len(collective_calls(bad)) == 3
+    fine = tmp_path / 'fine.py'
+    fine.write_text("import torch.distributed as dist\ndef f():\n    return dist.is_initialized()\n")
+    assert collective_calls(fine) == []
+
+
 @pytest.mark.parametrize('path', MODULES, ids=lambda p: p.stem)
-def test_modules_are_small(path):
-    n = len(path.read_text(encoding='utf-8').splitlines())
-    assert n <= 350, f"{path.name} has {n} lines (at most 350)"
+def test_module_docstrings_are_sentences(path):
+    "nbdev exports the first line of a chapter's summary as its module's docstring: it must be a whole sentence."
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding='utf-8')))
+    assert doc, f"{path.name} has no docstring: give its chapter a one-line `> summary`"
+    assert '\n' not in doc, f"{path.name}: the summary spans lines, and nbdev keeps only the first: {doc!r}"
+    assert doc[0].isupper() or doc[0] == '`', f"{path.name}: {doc!r} does not start a sentence"
+    assert doc.endswith(('.', '?', '!')), f"{path.name}: {doc!r} stops mid-sentence"
+    assert doc.count('`') % 2 == 0 and doc.count('(') == doc.count(')'), f"{path.name}: {doc!r} is unbalanced"
 
 
 def test_no_method_leaks_into_all():

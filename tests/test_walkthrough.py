@@ -1,4 +1,4 @@
-"""The walkthrough notebook (nbs/16_walkthrough.ipynb) runs top to bottom in a real Jupyter kernel, as a learner
+"""The walkthrough notebook (nbs/20_walkthrough.ipynb) runs top to bottom in a real Jupyter kernel, as a learner
 runs it in JupyterLab: nbclient starts an ipykernel `python3` kernel and executes every cell with the short
 default settings (`LONG = False`)."""
 import pytest
@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 pytestmark = pytest.mark.slow   # the slow set (`pytest -m slow`): CI runs it after the quick loop
 
-WALKTHROUGH = Path(__file__).resolve().parent.parent / 'nbs' / '16_walkthrough.ipynb'
+WALKTHROUGH = Path(__file__).resolve().parent.parent / "nbs" / "20_walkthrough.ipynb"
 
 
 def ensure_python3_kernel():

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #dd51934a
 from __future__ import annotations
-import difflib, errno, hashlib, json, math, os, re, reprlib, typing
+import difflib, errno, hashlib, importlib, json, math, os, re, reprlib, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 
@@ -13,9 +13,9 @@ import tinylm
 
 # %% auto #0
 __all__ = ['PACKAGE_DIR', 'BUNDLED_CORPUS', 'DEFAULT_DATA', 'RECIPES_DIR', 'MAX_YAML_BYTES', 'HASH_EXCLUDED', 'HASH_IF_SET',
-           'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'bundled_corpora', 'resolve_data_path',
-           'bundled_recipes', 'TrainingConfig', 'parse_duration', 'load_yaml', 'find_config', 'read_config_file',
-           'load_config', 'config_hash']
+           'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'moved_names', 'bundled_corpora',
+           'resolve_data_path', 'bundled_recipes', 'TrainingConfig', 'parse_duration', 'load_yaml', 'find_config',
+           'read_config_file', 'load_config', 'config_hash']
 
 # %% ../nbs/00_config.ipynb #e75a739e
 class TinyLMError(Exception):
@@ -41,6 +41,15 @@ _OS_CAUSES = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'the di
 def os_error_cause(e: OSError) -> str:
     "The cause of an `OSError` in plain words (`no space left on the device`, `permission denied`, ...)."
     return _OS_CAUSES.get(e.errno) or (e.strerror or str(e) or type(e).__name__).lower()
+
+# %% ../nbs/00_config.ipynb #ab6175e7
+def moved_names(module: str, names: dict[str, str]):
+    "A module `__getattr__` that forwards each of `names` (name -> the module it moved to), imported when first asked."
+    def __getattr__(name: str):
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(names[name]), name)
+    return __getattr__
 
 # %% ../nbs/00_config.ipynb #9d54fc64
 PACKAGE_DIR = Path(tinylm.__file__).resolve().parent

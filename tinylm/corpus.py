@@ -42,12 +42,24 @@ def corpus_files(path=None) -> list[Path]:
         raise DataError(f"data file not found: {p}")
     return [p]
 
+def _utf8_length(lead: int) -> int:
+    "The bytes of the UTF-8 character that starts with the byte `lead` (1 for a byte that starts none)."
+    if lead < 0x80:
+        return 1
+    if lead >> 5 == 0b110:
+        return 2
+    if lead >> 4 == 0b1110:
+        return 3
+    if lead >> 3 == 0b11110:
+        return 4
+    return 1   # not a lead byte: the decoder will say where
+
 def _cut(data: bytes) -> int:
     "Length of the longest prefix of `data` that does not end inside a UTF-8 character."
     for back in range(1, min(4, len(data)) + 1):
         b = data[-back]
         if b & 0xC0 != 0x80:   # not a continuation byte: the last character starts here
-            need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+            need = _utf8_length(b)
             return len(data) - back if need > back else len(data)
     return len(data)           # four continuation bytes: invalid, let the decoder say where
 
@@ -86,7 +98,8 @@ def _read_file(f: Path, chunk_bytes: int):
 class CorpusReader:
     "The text of `files` as one stream of decoded chunks; counts the characters and hashes the bytes as it reads."
     def __init__(self, files, chunk_bytes: int | None = None):
-        self.files, self.chunk_bytes = [Path(f) for f in files], chunk_bytes or CHUNK_BYTES
+        self.files = [Path(f) for f in files]
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
         try:
             self.n_bytes = sum(f.stat().st_size for f in self.files)
         except OSError as e:
@@ -94,7 +107,9 @@ class CorpusReader:
 
     def chunks(self, sha256: bool = True):
         "Yield the corpus as decoded strings; then `n_chars`, `bytes_read`, `sha256` (None unless asked) describe it."
-        sha, self.n_chars, self.bytes_read = (hashlib.sha256() if sha256 else None), 0, 0
+        sha = hashlib.sha256() if sha256 else None
+        self.n_chars = 0
+        self.bytes_read = 0
         for i, f in enumerate(self.files):
             last = ''
             for raw, text in _read_file(f, self.chunk_bytes):
@@ -132,7 +147,8 @@ class SaveError(TinyLMError):
 class _Guarded:
     "A file object that remembers the first `OSError` of a write (torch.save turns it into an opaque RuntimeError)."
     def __init__(self, f):
-        self.f, self.error = f, None
+        self.f = f
+        self.error = None   # the first OSError of a write
     def write(self, b):
         try:
             return self.f.write(b)

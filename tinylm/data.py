@@ -67,10 +67,19 @@ def _as_tensor(ids, name: str) -> torch.Tensor:
         raise DataError(f"the {name} split must be a 1-D sequence of token ids, got shape {tuple(t.shape)}")
     return t
 
+def _keep_mapped(t: torch.Tensor, dtype: torch.dtype, hi: int) -> torch.Tensor:
+    "The uint16 ids `t` of a memory-mapped file as `dtype` without a copy where the ids allow (largest id `hi`)."
+    if dtype == torch.int16:
+        return t.view(torch.int16)   # the same bits: every id is below 2**15
+    if hi < 1 << 16:
+        return t
+    return t.to(dtype)
+
 class WindowDataset(Dataset):
     "Windows of `block_size + 1` consecutive ids; item `i` is `(ids[i:i+T], ids[i+1:i+T+1])` as int64."
     def __init__(self, ids, block_size: int, name: str = 'train', vocab_size: int | None = None):
-        self.block_size, self.name = _check_int('block_size', block_size, 1), name
+        self.block_size = _check_int('block_size', block_size, 1)
+        self.name = name
         t = _as_tensor(ids, name)
         n, need = len(t), self.block_size + 1
         if n < need:
@@ -86,7 +95,7 @@ class WindowDataset(Dataset):
             hi = _check_int('vocab_size', vocab_size, 1) - 1
         dtype = _compact_dtype(hi)
         if t.dtype == torch.uint16 and t.is_contiguous():   # a memory-mapped BPE file: keep it mapped, never copy
-            self.data = t.view(torch.int16) if dtype == torch.int16 else t if hi < 1 << 16 else t.to(dtype)
+            self.data = _keep_mapped(t, dtype, hi)
         else:
             self.data = t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()   # one tensor
         self._offsets = torch.arange(need)
@@ -136,7 +145,8 @@ class KeyedPermutation:
     def __init__(self, n: int, key: int):
         self.n = _check_int('n', n, 1)
         half = max(1, ((self.n - 1).bit_length() + 1) // 2)       # 2*half bits cover 0..n-1
-        self.half, self.mask = np.uint64(half), np.uint64((1 << half) - 1)
+        self.half = np.uint64(half)
+        self.mask = np.uint64((1 << half) - 1)
         seeds = np.array([(key * _GOLDEN + r) % 2**64 for r in range(1, 5)], dtype=np.uint64)
         self.keys = list(_mix(seeds))
 
@@ -181,7 +191,8 @@ class EpochBatchSampler:
         self.per_rank = self.batch_size // self.world_size
         self.batches_per_epoch = (self.n_windows // self.batch_size if self.drop_last
                                   else math.ceil(self.n_windows / self.batch_size))
-        self.epoch, self.position = 0, 0
+        self.epoch = 0
+        self.position = 0   # batches taken in this epoch
         self._perm = (None, None)   # (epoch, its KeyedPermutation)
         self._block = (None, None)  # ((epoch, block), the window indices of that block of batches)
 

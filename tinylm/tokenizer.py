@@ -51,6 +51,14 @@ def _codepoints(text: str, offset: int = 0) -> np.ndarray:
 
 _SLICE = 1 << 22   # characters per slice: big texts are processed in pieces, so temporaries stay ~16 MB
 
+def _id_dtype(n: int) -> np.dtype:
+    "The smallest numpy integer type that holds the ids 0..n-1 of a vocabulary of `n` characters."
+    if n <= 256:
+        return np.dtype(np.uint8)
+    if n <= 32767:
+        return np.dtype(np.int16)
+    return np.dtype(np.int32)
+
 def _describe(c: str) -> str:
     "A character as people read it: its repr and its code point, e.g. `'é' (U+00E9)`."
     return f"{c!r} (U+{ord(c):04X})"
@@ -77,7 +85,7 @@ class Tokenizer(_TokenizerBase):
         self._chars = chars
         self._cps = _codepoints(chars)   # id -> code point (uint32), used by decode
         n = len(chars)
-        self.dtype = np.dtype(np.uint8 if n <= 256 else np.int16 if n <= 32767 else np.int32)
+        self.dtype = _id_dtype(n)
         # code point -> id, -1 = not in the vocabulary; the last slot is the sentinel for everything larger
         self._table = np.full(int(self._cps.max()) + 2, -1, dtype=np.int32)
         self._table[self._cps] = np.arange(n, dtype=np.int32)
