@@ -60,8 +60,8 @@ def make_parser() -> argparse.ArgumentParser:
                         '(only once the new run has validated its config and loaded its data)')
     p.add_argument('--seed', type=int, help='random seed (new runs only)')
     p.add_argument('--depth', type=int_or('auto'), metavar='D', help='one dial for the size of a new model: D layers, '
-                   '64*D wide, with batch, rates and steps to match (explicit settings win; chapter 6); auto: the '
-                   'best for --time-budget here (chapter 19)')
+                   '64*D wide, with batch, rates and steps to match (explicit settings win; chapter 13); auto: the '
+                   'best for --time-budget here (chapter 23)')
     p.add_argument('--time-budget', '--time_budget', dest='time_budget', metavar='T', help='train for T of training '
                    'time (90s, 10m, 1.5h): the first steps\' speed decides the steps; --max-steps caps them')
     p.add_argument('--device', help='auto, cpu, cuda, cuda:N or mps')

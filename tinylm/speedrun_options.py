@@ -21,11 +21,11 @@ __all__ = ['NETWORK_OPTIONS', 'OPTIMIZER_OPTIONS', 'OPTIONS', 'set_options', 'as
 NETWORK_OPTIONS = ('logit_softcap', 'value_embeds', 'x0_skip', 'smear', 'bigram_buckets')   # run-config fields
 OPTIMIZER_OPTIONS = ('normuon',)
 OPTIONS = NETWORK_OPTIONS + OPTIMIZER_OPTIONS
+_OFF = {name: getattr(TrainingConfig(), name) for name in OPTIONS}   # each option's value in the defaults: off
 
 def set_options(config, names: tuple = OPTIONS) -> list[str]:
     "Which of the options `names` `config` sets: a value other than the one the defaults of `TrainingConfig` have."
-    off = TrainingConfig()
-    return [name for name in names if getattr(config, name, getattr(off, name)) != getattr(off, name)]
+    return [name for name in names if getattr(config, name, _OFF[name]) != _OFF[name]]
 
 def asks_for(config) -> bool:
     "Does `config` set one of this chapter's options?"
