@@ -39,16 +39,25 @@ def capture_rng() -> dict:
             'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []}
 
-def restore_rng(s: dict):
-    "Restore the states captured by `capture_rng`."
+def _cuda_index(device=None) -> int:
+    "The index of the CUDA device `device` names (the current device for None or `cuda` without an index)."
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == 'cuda' and device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
+
+def restore_rng(s: dict, device=None):
+    "Restore the states captured by `capture_rng`; of the CUDA states, only that of the device this process uses."
     version, state, gauss = s['python']
     random.setstate((version, tuple(state), gauss))
     n = s['numpy']
     state = n['state'].numpy().astype(np.uint32)
     np.random.set_state((n['key'], state, n['pos'], n['has_gauss'], n['cached_gaussian']))
     torch.set_rng_state(s['torch'])
-    if s.get('cuda') and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s['cuda'])
+    cuda = s.get('cuda')
+    if cuda and torch.cuda.is_available() and (device is None or torch.device(device).type == 'cuda'):
+        index = _cuda_index(device)
+        torch.cuda.set_rng_state(cuda[index] if index < len(cuda) else cuda[0], index)
 
 # %% ../nbs/10_checkpoint.ipynb #2d58d7a2
 def atomic_save(obj, path) -> Path:

@@ -150,6 +150,7 @@ class TrainingConfig:
     device: str = 'auto'             # auto | cpu | cuda | cuda:N | mps
     precision: str = 'auto'          # auto (measured on a CPU, chapter 7) | float32 | bfloat16 | float16 (autocast)
     compile: bool = False            # torch.compile the model
+    deterministic: bool = False      # a GPU's deterministic kernels: bit-exact resume there too (slower; chapter 7)
     threads: int = 0                 # torch intra-op threads; 0 = torch's default
     progress: str = 'auto'           # auto | bar | plain | none (console progress display)
     tensorboard: bool = False        # also write TensorBoard scalars (needs the optional extra)
@@ -207,9 +208,18 @@ def _check_type(name, value, t):
         raise ConfigError(f"config field '{name}' expects {t.__name__}, got {type(value).__name__} {brief(value)}"
                           + (auto if name == 'depth' else ''))
 
+def _listed(names: list[str], width: int = 600) -> str:
+    "`names` joined with commas, cut after about `width` characters with a count of the rest: an error stays short."
+    shown = []
+    for name in names:
+        if len(', '.join(shown + [name])) > width:
+            return f"{', '.join(shown)} and {len(names) - len(shown)} more (the config chapter lists them all)"
+        shown.append(name)
+    return ', '.join(shown)
+
 def _unknown_key_message(key, names, source='config'):
     close = difflib.get_close_matches(str(key)[:100], names, n=1, cutoff=0.6)
-    hint = f" — did you mean '{close[0]}'?" if close else f" (valid fields: {', '.join(names)})"
+    hint = f" — did you mean '{close[0]}'?" if close else f" (valid fields: {_listed(names)})"
     return f"{source}: unknown config key {brief(key)}{hint}"
 
 # %% ../nbs/00_config.ipynb #ccf4d6a7
@@ -362,7 +372,7 @@ HASH_EXCLUDED = frozenset({'data_path', 'out_dir', 'progress', 'tensorboard', 'k
 # fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
 HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
                          'muon_split_qkv', 'depth', 'tokens_per_param', 'time_budget', 'logit_softcap',
-                         'value_embeds', 'x0_skip', 'smear', 'bigram_buckets', 'normuon'})
+                         'value_embeds', 'x0_skip', 'smear', 'bigram_buckets', 'normuon', 'deterministic'})
 
 def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str | None = None) -> str:
     "A short stable hash of the fields that can change what a run computes, and of a non-character vocabulary."

@@ -15,8 +15,8 @@ from .config import TinyLMError, moved_names
 # %% auto #0
 __all__ = ['PRECISION_MIN_SPEEDUP', 'PRECISION_MIN_GFLOP', 'DeviceError', 'pick_device', 'autocast_dtype', 'autocast',
            'grad_scaler', 'cpu_flags', 'onednn_isa', 'machine_kind', 'describe_kind', 'to_device', 'unwrap_model',
-           'fork_rng', 'bf16_matmul_is_native', 'dtype_name', 'time_precisions', 'choose_precision',
-           'resumed_precision', 'compile_model']
+           'synchronize', 'fork_rng', 'bf16_matmul_is_native', 'dtype_name', 'time_precisions', 'choose_precision',
+           'resumed_precision', 'deterministic_kernels', 'exact_resume', 'compile_model']
 
 # %% ../nbs/07_device.ipynb #a77bcf54
 class DeviceError(TinyLMError, ValueError):
@@ -94,10 +94,11 @@ def machine_kind(device: torch.device | str = 'cpu') -> dict:
     "What decides this process's kernels, as plain data: equal kinds compute equal bits."
     device = torch.device(device)
     kind = {'torch': str(torch.__version__).split('+')[0], 'device': device.type}
-    if device.type == 'cuda':
-        kind.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    else:
-        kind.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), onednn_isa=onednn_isa())
+    if device.type == 'cuda':   # the GPU's kernels: the CPU's instructions and threads do not choose them
+        kind.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+        return kind
+    kind.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), onednn_isa=onednn_isa())
     kind['threads'] = torch.get_num_threads()
     return kind
 
@@ -121,6 +122,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+def synchronize(device: torch.device):
+    "Wait until `device` has finished the work queued on it (a GPU's and MPS's work is asynchronous; a CPU's is not)."
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
 
 def fork_rng(device: torch.device):
     "A context that restores the global random state (CPU, and `device` if CUDA) when it exits."
@@ -214,9 +223,29 @@ def resumed_precision(ckpt: dict, setting: str, device) -> tuple[str | None, dic
         return None, None
     return ckpt['precision'], {**(ckpt.get('precision_probe') or {}), 'decided_by': 'checkpoint'}
 
+# %% ../nbs/07_device.ipynb #d0c315f6
+def deterministic_kernels(device, on: bool = True):
+    "On a GPU, deterministic kernels only (slower; a CPU's already are): what bit-exact resume needs there."
+    if not on or torch.device(device).type != 'cuda':
+        return
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # read when cuBLAS makes its first handle
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)           # their backward passes add with atomics: any order
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+def exact_resume(device, deterministic: bool = False) -> bool:
+    "Does a run on `device` resume bit for bit? On a CPU, yes; on a GPU, with deterministic kernels only."
+    kind = torch.device(device).type
+    return kind == 'cpu' or (kind == 'cuda' and deterministic)
+
 # %% ../nbs/07_device.ipynb #a45ac81a
-def compile_model(model: nn.Module) -> nn.Module:
-    "`torch.compile(model)`, with inductor's on-disk cache keyed by the vector instructions its CPU code is built for."
+def compile_model(model: nn.Module, device='cpu') -> nn.Module:
+    "`torch.compile(model)`; on a CPU `device`, inductor's disk cache keyed by the vector instructions it builds for."
+    if torch.device(device).type != 'cpu':
+        return torch.compile(model)
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
         tag = f"tinylm-vec-isa={pick_vec_isa() or 'none'}"

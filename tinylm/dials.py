@@ -11,13 +11,14 @@ import torch.nn as nn
 
 from .config import TrainingConfig, ConfigError, RECIPES_DIR, parse_duration
 from .model import build_model
-from .device import pick_device, autocast, fork_rng
+from .device import pick_device, autocast, fork_rng, synchronize, choose_precision
 from .distributed import dist_env, reduce_over_ranks
-from .optim import create_optimizer
+from .optim import create_optimizer, lr_at
 from .hooks import Hook
 
 # %% auto #0
-__all__ = ['BUDGET_HORIZON', 'LAW_FILE', 'block_params', 'apply_dials', 'TimeBudget', 'step_seconds', 'budget_probe']
+__all__ = ['BUDGET_HORIZON', 'LAW_FILE', 'RECIPE_PREFERENCE', 'block_params', 'apply_dials', 'TimeBudget', 'step_seconds',
+           'budget_probe']
 
 # %% ../nbs/13_dials.ipynb #717a2a81
 BUDGET_HORIZON = 10**9                          # the steps of a budgeted run until its speed is measured
@@ -28,7 +29,8 @@ def block_params(n_layer: int, n_embd: int) -> int:
 
 def apply_dials(base: TrainingConfig, overrides: dict | None = None) -> TrainingConfig:
     """`base` (a recipe) with `overrides` (explicit settings) applied; then `depth` sets the shape, batch, learning
-    rates and steps that `overrides` does not set, and `time_budget` leaves the steps open until they are measured."""
+    rates and steps that `overrides` does not set, and `time_budget` leaves the steps open until they are measured
+    (and its schedule warmup-stable-decay)."""
     ov = dict(overrides or {})
     config = base.with_overrides(**ov)                   # every name and value checked first
     D = config.depth
@@ -49,42 +51,113 @@ def apply_dials(base: TrainingConfig, overrides: dict | None = None) -> Training
                        muon_lr=base.muon_lr * rate, max_steps=steps, lr_decay_steps=steps,
                        warmup_steps=min(base.warmup_steps, steps // 10))
         config = config.with_overrides(**{k: v for k, v in derived.items() if k not in ov})
-    if config.time_budget:   # an explicit --max-steps stays, as a cap
-        config = config.with_overrides(lr_decay_steps=BUDGET_HORIZON,
+    if config.time_budget:   # warm-up, stable, decay (the `TimeBudget` hook plans it); --max-steps stays, as a cap
+        config = config.with_overrides(lr_decay_steps=BUDGET_HORIZON, lr_schedule='wsd',
                                        **({} if 'max_steps' in ov else {'max_steps': BUDGET_HORIZON}))
     return config
 
 class TimeBudget(Hook):
-    "With `time_budget`: after `probe` steps, the run's steps and the schedule's horizon, decided from their speed."
+    """With `time_budget`: the run's length fit to the time as it goes — a probe, a stable rate, and a linear decay over
+    the last `decay_fraction` of the estimated steps, its end re-aimed at the clock readings until the run ends."""
     order = 5
-    probe = 10                    # steps timed before the decision
+    probe = 10        # steps timed before the first plan
+    readings = 50     # clock readings planned over the rest of the run
+    window = 5        # the readings whose speed an estimate trusts: the latest, so that a drift shows within a few
 
     def __init__(self):
-        self.times = []           # the seconds of each step timed so far
+        self.marks = []   # (step, train_seconds) at each synchronised clock reading of this process
 
     def before_fit(self, t):
-        self.times = []
+        self.marks = [(t.step, t.train_seconds)]
+        if t.config.time_budget:   # every step while probing; a resumed plan keeps its cadence
+            t.time_every(1 if t.time_budget is None else t.time_budget['clock_every'])
+
     def after_step(self, t):
-        c = t.config
-        if not c.time_budget or c.lr_decay_steps != BUDGET_HORIZON:
-            return   # no budget, or already decided
-        self.times.append(t.step_seconds)
-        if len(self.times) < self.probe:
+        if not t.config.time_budget or not t.clock_synced:
             return
-        budget = parse_duration(c.time_budget)
-        per_step = statistics.median(self.times[1:])   # the first step warms up
+        self.marks.append((t.step, t.train_seconds))
+        decision = t.time_budget
+        if decision is None:
+            if t.step - self.marks[0][0] >= self.probe:
+                self._plan(t)
+            return
+        per_step = self._seconds_per_step(self.window)
+        if per_step is None:
+            return   # a resumed run has not timed two readings yet
+        end = self._agreed_end(t, per_step, decision['cap'])
+        if decision['phase'] == 'stable':
+            self._stable(t, decision, end, per_step)
+        else:
+            self._aim_decay(t, decision, end, per_step)
+
+    def _seconds_per_step(self, n: int) -> float | None:
+        "The median seconds per step of the last `n` readings of this process, the first (a warm-up) left out."
+        rates = [(s2 - s1) / (n2 - n1) for (n1, s1), (n2, s2) in zip(self.marks, self.marks[1:]) if n2 > n1]
+        rates = rates[1:]
+        return statistics.median(rates[-n:]) if rates else None
+
+    def _agreed_end(self, t, per_step: float, cap: int | None) -> int:
+        "The step the budget ends at, at `per_step` seconds a step from here: the smallest of every rank's, capped."
+        budget = parse_duration(t.config.time_budget)
         fit = t.step + max(0, int((budget - t.train_seconds) // per_step))
-        steps = min(int(reduce_over_ranks(torch.tensor(fit), 'min')), c.max_steps)   # every rank stops together
-        warm = min(c.warmup_steps, max(t.step, steps // 10))   # a warm-up of at most a tenth of the run
-        t.fix_horizon(steps, warm, dict(budget_s=budget, step_s=per_step, probe_steps=len(self.times)))
+        if cap is not None:
+            fit = min(fit, cap)
+        return int(reduce_over_ranks(torch.tensor(fit), 'min'))
+
+    def _record(self, t, phase: str, per_step: float, end: int, cap: int | None, every: int) -> dict:
+        "What the log and the checkpoint keep of a decision."
+        return dict(phase=phase, budget_s=parse_duration(t.config.time_budget), step_s=per_step, steps=end, cap=cap,
+                    clock_every=every, train_s=t.train_seconds)
+
+    def _plan(self, t):
+        "After the probe: a first estimate of the steps that fit, warm-up cut to a tenth of them, the clock's cadence."
+        c = t.config
+        per_step = self._seconds_per_step(self.probe)
+        cap = None if c.max_steps == BUDGET_HORIZON else c.max_steps
+        end = self._agreed_end(t, per_step, cap)
+        every = max(1, (end - t.step) // self.readings)
+        warm = min(c.warmup_steps, max(t.step, end // 10))   # a warm-up of at most a tenth of the run
+        t.time_every(every)
+        t.set_schedule(dict(self._record(t, 'stable', per_step, end, cap, every), probe_steps=self.probe),
+                       max_steps=max(end, t.step), warmup_steps=warm)
+        self._stable(t, t.time_budget, end, per_step)   # a budget so short that its decay is due already
+
+    def _stable(self, t, decision: dict, end: int, per_step: float):
+        "The stable phase: the end follows the estimate; the decay starts in the last `decay_fraction` of the steps."
+        c = t.config
+        if t.step < (1 - c.decay_fraction) * end and t.step < end:
+            if end != c.max_steps:
+                t.set_schedule(max_steps=end)   # the same decision, at the speed measured now
+            return
+        record = self._record(t, 'decay', per_step, end, decision['cap'], decision['clock_every'])
+        if end <= t.step:
+            t.set_schedule(record, max_steps=t.step)   # no time left for a decay: the run ends here
+            return
+        t.set_schedule(record, max_steps=end, lr_decay_steps=end, decay_fraction=(end - t.step) / end)
+
+    def _aim_decay(self, t, decision: dict, end: int, per_step: float):
+        "The decay: where the end moved, a straight line from this step's rate to the floor at the new end."
+        c = t.config
+        if end == c.lr_decay_steps:
+            return
+        record = self._record(t, 'decay', per_step, end, decision['cap'], decision['clock_every'])
+        now, floor, peak = lr_at(t.step, c), c.min_lr, c.learning_rate
+        if end <= t.step or now <= floor:
+            t.set_schedule(record, max_steps=max(end, t.step))   # at the floor already, or no time left
+            return
+        start = round(end - (end - t.step) * (peak - floor) / (now - floor))   # where that line is at the peak
+        t.set_schedule(record, max_steps=end, lr_decay_steps=end, decay_fraction=(end - start) / end)
 
 # %% ../nbs/13_dials.ipynb #e1697e7c
 LAW_FILE = RECIPES_DIR / 'scaling_law.json'   # the fit of the scaling chapter (23): best size for a compute budget
 
-def step_seconds(config: TrainingConfig, vocab_size: int, device, steps: int = 3) -> tuple[float, nn.Module]:
-    """Median seconds of one training step (every micro-step's forward and backward in the run's precision, and the
-    optimizer) of a fresh model of `config` on fixed tokens, after a warm-up step, and the model; the random state
-    and the thread count are kept."""
+RECIPE_PREFERENCE = math.log(2)   # a dial's depth replaces the recipe's shape only if this much closer to the law
+
+def step_seconds(config: TrainingConfig, vocab_size: int, device, steps: int = 5,
+                 warmup: int = 2) -> tuple[float, nn.Module]:
+    """Median seconds of one training step (every micro-step's forward and backward, and the optimizer) of a fresh
+    model of `config` on fixed tokens, in the precision its run would choose, after `warmup` steps, and the model;
+    the random state and the thread count are kept."""
     device, threads = torch.device(device), torch.get_num_threads()
     with fork_rng(device):
         torch.manual_seed(0)
@@ -93,23 +166,23 @@ def step_seconds(config: TrainingConfig, vocab_size: int, device, steps: int = 3
         try:
             model = build_model(vocab_size, config).to(device)
             opt = create_optimizer(model, config)
+            precision, _ = choose_precision(config.precision, model, config.batch_size, config.block_size, device)
             times = []
             b = config.batch_size
             x = (torch.arange(b * config.block_size, device=device) % vocab_size).view(b, -1)
-            for _ in range(steps + 1):
+            for _ in range(steps + warmup):
                 t0 = time.perf_counter()
                 for _ in range(config.grad_accum_steps):
-                    with autocast(device, config.precision):
+                    with autocast(device, precision):
                         loss = model(x, x)[1]
                     loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if device.type == 'cuda':
-                    torch.cuda.synchronize(device)
+                synchronize(device)
                 times.append(time.perf_counter() - t0)
         finally:
             torch.set_num_threads(threads)
-    return statistics.median(times[1:]), model
+    return statistics.median(times[warmup:]), model
 
 def _probe_vocab_size(config: TrainingConfig, init=None) -> int:
     "The vocabulary a timing probe builds its model with: the weights' own, a BPE's size, or a guess for characters."
@@ -140,8 +213,38 @@ def budget_probe(base: TrainingConfig, overrides: dict, init=None, law: dict | N
         return ov, dict(vocab_size=vocab, **_depth_row(config, c.depth, seconds))
     law = _fitted_law(law)
     rows = _search_depths(base, ov, vocab, device, budget, law, max_depth)
-    pick = min(rows, key=lambda r: abs(math.log(r['params'] / r['law_params'])))['depth']
-    return {**ov, 'depth': pick}, dict(vocab_size=vocab, law=law, rows=rows, depth=pick)
+    recipe = _recipe_row(base, ov, vocab, device, budget, law)
+    pick = _choose_depth(rows, recipe)
+    chosen = ov if pick is None else {**ov, 'depth': pick}
+    return chosen, dict(vocab_size=vocab, law=law, rows=rows, recipe=recipe, depth=pick)
+
+def _law_distance(row: dict) -> float:
+    "How far a candidate's size is from the law's best for its compute: |log(params / law's params)|."
+    return abs(math.log(row['params'] / row['law_params']))
+
+def _choose_depth(rows: list[dict], recipe: dict | None) -> int | None:
+    """The depth closest to the law; None (the recipe's own shape) if the recipe's shape is as close, within
+    `RECIPE_PREFERENCE`, or if no depth fits at all."""
+    best = min(rows, key=_law_distance) if rows else None
+    if recipe is not None and (best is None or _law_distance(recipe) <= _law_distance(best) + RECIPE_PREFERENCE):
+        return None
+    return best['depth']
+
+def _recipe_row(base: TrainingConfig, ov: dict, vocab_size: int, device, budget: float, law: dict) -> dict | None:
+    "The recipe's own shape as a candidate, timed like a depth (None if a step of it does not fit the budget)."
+    config = apply_dials(base, ov)
+    seconds, model = _timed_step(config, vocab_size, device)
+    if seconds > budget:
+        return None
+    return _candidate(config, model, None, seconds, budget, law)
+
+def _candidate(config: TrainingConfig, model, depth: int | None, seconds: float, budget: float, law: dict) -> dict:
+    "A timed candidate: its step time and size, its compute in the budget, and the law's best size for that compute."
+    row = _depth_row(config, depth, seconds)
+    tokens = config.batch_size * config.block_size * config.grad_accum_steps
+    row['flops'] = model.flops_per_token() * tokens * budget / seconds
+    row['law_params'] = max(1, round(law['coef'] * row['flops'] ** law['exponent']))
+    return row
 
 def _probes(config: TrainingConfig, auto: bool, init=None) -> bool:
     "Is there a budget to time steps for, in one process? What `auto` cannot work with is an error."
@@ -198,10 +301,7 @@ def _search_depths(base: TrainingConfig, ov: dict, vocab_size: int, device, budg
             if rows:
                 break   # this depth cannot do one step: the smaller ones are the choice
             raise _no_step_fits(config, seconds, device, smallest=True)
-        row = _depth_row(config, depth, seconds)
-        tokens = config.batch_size * config.block_size * config.grad_accum_steps
-        row['flops'] = model.flops_per_token() * tokens * budget / seconds
-        row['law_params'] = max(1, round(law['coef'] * row['flops'] ** law['exponent']))
+        row = _candidate(config, model, depth, seconds, budget, law)
         rows.append(row)
         if row['params'] >= row['law_params']:
             break

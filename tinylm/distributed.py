@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distributed.ipynb #45cfc204
 from __future__ import annotations
-import datetime, os
+import datetime, os, sys, threading, time
 from dataclasses import dataclass
 
 import torch
@@ -12,12 +12,13 @@ import torch.distributed as dist
 
 from .config import TinyLMError
 from .data import check_world_batch   # the data chapter's rule, checked again before any process starts
-from .device import pick_device
+from .device import pick_device, deterministic_kernels
 
 # %% auto #0
-__all__ = ['DistInfo', 'dist_env', 'init_distributed', 'setup_device', 'cleanup_distributed', 'wrap_ddp', 'is_distributed',
-           'backend_device', 'reduce_over_ranks', 'mean_over_ranks', 'all_ranks_agree', 'agree_on_stop',
-           'gather_objects', 'barrier']
+__all__ = ['HEARTBEAT_KEY', 'FAILED_KEY', 'DistInfo', 'dist_env', 'init_distributed', 'setup_device', 'cleanup_distributed',
+           'wrap_ddp', 'is_distributed', 'backend_device', 'reduce_over_ranks', 'mean_over_ranks', 'all_ranks_agree',
+           'agree_on_stop', 'gather_objects', 'barrier', 'Heartbeat', 'report_failure', 'lost_ranks', 'lost_message',
+           'lost_peer']
 
 # %% ../nbs/08_distributed.ipynb #c2dfd8c8
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def init_distributed(info: DistInfo, device: torch.device, timeout_s: float | No
     timeout_s = timeout_s or float(os.environ.get('TINYLM_DIST_TIMEOUT', 600))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    Heartbeat.start(info)
     return device
 
 def setup_device(config, info: DistInfo | None = None) -> torch.device:
@@ -73,10 +75,12 @@ def setup_device(config, info: DistInfo | None = None) -> torch.device:
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    deterministic_kernels(device, config.deterministic)
     return device
 
 def cleanup_distributed():
-    "Leave the process group (safe to call when none was started)."
+    "Leave the process group, and stop this rank's heartbeat (safe to call when none was started)."
+    Heartbeat.stop()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -139,3 +143,138 @@ def barrier():
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
+
+# %% ../nbs/08_distributed.ipynb #c73063cc
+HEARTBEAT_KEY, FAILED_KEY = 'tinylm/heartbeat/', 'tinylm/failed/'   # the store's keys: a counter, an error per rank
+
+def _store(info: DistInfo):
+    "A client of the job's key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), or None where there is none."
+    host, port = os.environ.get('MASTER_ADDR'), os.environ.get('MASTER_PORT')
+    if not host or not port:
+        return None
+    return dist.TCPStore(host, int(port), info.world_size, is_master=False, timeout=datetime.timedelta(seconds=30),
+                         wait_for_workers=False)
+
+class Heartbeat:
+    "This rank's sign of life in the job's store, and a watch on the others': a rank silent for `patience` s is lost."
+    running = None   # the process's heartbeat while it is in a process group
+
+    def __init__(self, store, rank: int, world_size: int, patience: float, on_lost=None):
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.patience = patience
+        self.on_lost = on_lost or self.end_process   # what a silent peer leads to (a test watches instead)
+        self.seen = {}                               # rank -> (its counter, when it last moved)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name='tinylm-heartbeat', daemon=True)
+
+    @classmethod
+    def start(cls, info: DistInfo, patience: float | None = None):
+        "Start this process's heartbeat (none for one process, or without a store); returns it."
+        if not info.enabled or cls.running is not None:
+            return cls.running
+        store = _store(info)
+        if store is None:
+            return None
+        patience = patience or float(os.environ.get('TINYLM_HEARTBEAT_S', 60))
+        cls.running = cls(store, info.rank, info.world_size, patience)
+        cls.running.thread.start()
+        return cls.running
+
+    @classmethod
+    def stop(cls):
+        "Stop this process's heartbeat, if it has one."
+        beat, cls.running = cls.running, None
+        if beat is not None:
+            beat.stopping.set()
+            beat.thread.join(timeout=5)
+
+    def _beat(self):
+        while not self.stopping.wait(self.patience / 6):
+            try:
+                self.store.add(f"{HEARTBEAT_KEY}{self.rank}", 1)
+                silent = self.silent()
+                lost = f"rank {', '.join(map(str, silent))}" if silent else ''
+            except Exception:   # the store's server is gone: the process that served it went with it
+                lost = "the job's store (and the process that served it)"
+            if lost and not self.stopping.is_set():
+                self.on_lost(self, lost)
+                return
+
+    def silent(self, now: float | None = None) -> list[int]:
+        "The other ranks whose counter has not moved for `patience` seconds."
+        now = time.monotonic() if now is None else now
+        lost = []
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            count = int(self.store.add(f"{HEARTBEAT_KEY}{r}", 0))
+            last = self.seen.get(r)
+            if last is None or last[0] != count:
+                self.seen[r] = (count, now)
+            elif now - last[1] > self.patience:
+                lost.append(r)
+        return lost
+
+    def wait_for_silent(self, timeout: float) -> list[int]:
+        "The ranks that fall silent within `timeout` seconds (reading the counters as the thread does); [] if none."
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lost = self.silent()
+            if lost:
+                return lost
+            time.sleep(min(1.0, self.patience / 6))
+        return []
+
+    @staticmethod
+    def end_process(beat, lost: str):
+        "Say what was lost, then end this process: its collectives could only wait for it."
+        print(f"error: [rank {beat.rank}] lost contact with another process of this job: {lost} showed no sign of life "
+              f"for {beat.patience:.0f} s (it probably failed or was killed: see its error above); the last checkpoint "
+              "stands", file=sys.stderr, flush=True)
+        os._exit(1)
+
+def report_failure(info: DistInfo, message: str):
+    "Tell the other ranks, through the store, that this one failed and why (best effort: the store may be gone too)."
+    beat = Heartbeat.running
+    if beat is None:
+        return
+    try:
+        beat.store.set(f"{FAILED_KEY}{info.rank}", message[:300])
+    except Exception:
+        pass
+
+def lost_ranks(info: DistInfo, wait: bool = True) -> dict[int, str]:
+    """The ranks lost from this job, with what is known of why: those that reported an error at once, else those
+    whose heartbeat falls silent within its patience (`wait`). {} if none can be named."""
+    beat = Heartbeat.running
+    if beat is None:
+        return {}
+    found = {}
+    for r in range(info.world_size):
+        if r == info.rank:
+            continue
+        try:
+            if beat.store.check([f"{FAILED_KEY}{r}"]):
+                found[r] = beat.store.get(f"{FAILED_KEY}{r}").decode('utf-8', 'replace')
+        except Exception:
+            return {}
+    if found or not wait:
+        return found
+    return {r: f"no sign of life for {beat.patience:.0f} s" for r in beat.wait_for_silent(beat.patience * 1.5)}
+
+def lost_message(info: DistInfo) -> str:
+    "The error line of a rank whose collective failed because a peer is gone, naming the peer where it can."
+    lost = lost_ranks(info)
+    if not lost:
+        return "lost contact with another process of this job (it probably failed: see its error above)"
+    named = '; '.join(f"rank {r}: {why}" for r, why in sorted(lost.items()))
+    return f"lost contact with another process of this job ({named})"
+
+def lost_peer(error: BaseException) -> bool:
+    "Is `error` what a collective raises when a peer is gone (a closed connection, an aborted communicator)?"
+    text = str(error)
+    signs = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'NCCL communicator was aborted',
+             'remote process exited', 'socket was closed')
+    return isinstance(error, dist.DistError) or any(s in text for s in signs)

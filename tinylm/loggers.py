@@ -13,12 +13,13 @@ import tinylm
 from .config import TinyLMError, config_hash, brief
 from .hooks import Hook, hook_name
 from .bpe import tokenizer_info
-from .device import machine_kind, describe_kind
+from .device import machine_kind, describe_kind, exact_resume
 from .dials import BUDGET_HORIZON
 
 # %% auto #0
-__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_changes', 'ConsoleLogger', 'ProgressBar',
-           'repair_log', 'JsonlLogger', 'LogError', 'read_log', 'tensorboard_writer_class', 'TensorBoardLogger']
+__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_changes', 'budget_line', 'ConsoleLogger',
+           'ProgressBar', 'repair_log', 'JsonlLogger', 'LogError', 'read_log', 'tensorboard_writer_class',
+           'TensorBoardLogger']
 
 # %% ../nbs/14_loggers.ipynb #58d28edd
 def utc_now() -> str:
@@ -84,6 +85,17 @@ class _Window:
         return tps, (secs / steps if steps else 0.0)
 
 # %% ../nbs/14_loggers.ipynb #842bb0d8
+def budget_line(t, decision: dict, volatile: bool = True, decaying: bool = False) -> str | None:
+    "The console's line for a time budget's decision: the first plan and the start of the decay (the log has them all)."
+    took = f" at {decision['step_s'] * 1000:.1f} ms a step" if volatile else ''
+    if decision['phase'] == 'stable' and 'probe_steps' in decision:
+        return (f"time budget {t.config.time_budget}: about {decision['steps'] - t.step} more steps fit{took}; the "
+                f"learning rate decays over the last {t.config.decay_fraction:.0%} of them, aimed at the clock")
+    if decision['phase'] == 'decay' and not decaying:
+        return (f"time budget {t.config.time_budget}: the learning rate decays from here to its floor at step "
+                f"{decision['steps']}{took}")
+    return None
+
 class ConsoleLogger(Hook):
     "Short progress lines for people, on stdout."
     order = 80
@@ -92,6 +104,7 @@ class ConsoleLogger(Hook):
         self.volatile = volatile   # timings, run ids and speeds in the lines (off: lines that read the same every run)
         self.quiet = False         # the terminal went away: say nothing more
         self.window = _Window()
+        self.decaying = False      # a time budget's decay has started (its first decision is shown, not the rest)
     def say(self, msg: str):
         "Print `msg`; if the terminal is gone, stay quiet from now on."
         if self.quiet:
@@ -110,13 +123,17 @@ class ConsoleLogger(Hook):
         self.say(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
         probe = t.budget_probe or {}
         if 'rows' in probe:
-            self.say(f"depth auto: {probe['depth']} (timed depths 1..{len(probe['rows'])}; the law's best size for the "
-                     f"compute each does in {t.config.time_budget}); run_start has the measurements")
+            picked = "the recipe's own shape" if probe['depth'] is None else f"depth {probe['depth']}"
+            self.say(f"depth auto: {picked} (timed the recipe's shape and depths 1..{len(probe['rows'])}; the law's "
+                     f"best size for the compute each does in {t.config.time_budget}); run_start has the measurements")
         decided = t.precision_probe or {}
         if t.precision == 'bfloat16' and decided.get('decided_by') == 'measurement':
             fast = f" ({decided['speedup']:.2f}x)" if self.volatile else ''
             self.say(f"precision auto: bfloat16, measured faster than float32 for this model{fast}; --set "
                      "precision=float32 to choose")
+        if t.device.type == 'cuda' and not exact_resume(t.device, t.config.deterministic):
+            self.say("note: on a GPU, a resumed run continues within float noise of this one, not bit for bit; "
+                     "--set deterministic=true for exact resume (slower kernels)")
         changed = resume_changes(t)
         if 'machine_saved' in changed:
             self.say(f"note: the checkpoint was computed on another kind of machine "
@@ -128,9 +145,10 @@ class ConsoleLogger(Hook):
     def after_step(self, t):
         decision = t.time_budget
         if decision is not None and decision['step'] == t.step:
-            took = f" at {decision['step_s'] * 1000:.1f} ms a step" if self.volatile else ''
-            self.say(f"time budget {t.config.time_budget}: {decision['steps'] - t.step} more steps fit{took}; the run "
-                     f"ends at step {decision['steps']}, where the learning rate reaches its floor")
+            line = budget_line(t, decision, self.volatile, self.decaying)
+            self.decaying = decision['phase'] == 'decay'
+            if line:
+                self.say(line)
         if t.step % t.config.log_cadence == 0:
             tps, secs = self.window.read(t)
             w = len(str(t.max_steps))
@@ -251,6 +269,7 @@ class JsonlLogger(Hook):
                    max_steps=t.max_steps, tokens_per_step=t.tokens_per_step, threads=torch.get_num_threads(),
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_kind(t.device),
                    precision=t.precision, precision_probe=t.precision_probe, **resume_changes(t),
+                   exact_resume=exact_resume(t.device, t.config.deterministic),
                    **({'budget_probe': t.budget_probe} if t.budget_probe else {}),
                    optimizer=getattr(t.optimizer, 'impl', type(t.optimizer).__name__),
                    **getattr(t.optimizer, 'run_facts', {}),

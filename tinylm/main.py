@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_main.ipynb #1f03e76d
 from __future__ import annotations
-import argparse, hashlib, importlib, random, shutil, signal, sys, typing
+import argparse, gc, hashlib, importlib, random, shutil, signal, sys, typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from .corpus import prepare_corpus, show_progress, corpus_files, CorpusReader
 from .data import split_corpus, WindowDataset, make_dataloaders, DataError
 from .model import build_model
 from .device import compile_model
-from .distributed import DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp, barrier
+from .distributed import (DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp, barrier, lost_peer,
+                                lost_message, report_failure)
 from .optim import create_optimizer
 from .checkpoint import (CheckpointError, load_checkpoint, check_resumable, find_checkpoints, RunLock,
                                model_from_checkpoint)
@@ -33,7 +34,7 @@ __all__ = ['RESUMABLE_FIELDS', 'SHAPE_FIELDS', 'make_parser', 'cli_overrides', '
            'InitError', 'InitSource', 'weights_sha256', 'InitReader', 'read_init_source', 'init_config',
            'seed_everything', 'standard_hooks', 'load_hook', 'prepare_data', 'check_fresh_out_dir', 'clear_run',
            'check_vocabulary', 'given_tokenizer', 'prepare_run_data', 'check_same_corpus', 'new_model', 'build_trainer',
-           'TrainSession', 'stopped_message', 'main', 'cli']
+           'RunOutcome', 'TrainSession', 'stopped_message', 'main', 'cli']
 
 # %% ../nbs/16_main.ipynb #49c9c900
 def make_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,7 @@ def make_parser() -> argparse.ArgumentParser:
 RESUMABLE_FIELDS = frozenset({'max_steps', 'out_dir', 'data_path', 'log_cadence', 'eval_cadence', 'eval_batches',
                               'sampling_cadence', 'sample_length', 'sample_seed', 'checkpoint_cadence',
                               'keep_checkpoints', 'device', 'precision', 'compile', 'threads', 'progress',
-                              'tensorboard', 'muon_ns_dtype'})
+                              'tensorboard', 'muon_ns_dtype', 'deterministic'})
 
 _FLAG_FIELDS = (('data', 'data_path'), ('max_steps', 'max_steps'), ('out_dir', 'out_dir'), ('seed', 'seed'),
                 ('device', 'device'), ('depth', 'depth'), ('time_budget', 'time_budget'))   # a flag and its field
@@ -345,7 +346,7 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     train_dl, val_dl = make_dataloaders(train_ds, val_ds, config, rank=dist.rank, world_size=dist.world_size,
                                         pin_memory=device.type == 'cuda')
     def wrap(model):   # torch.compile, then DDP; checkpoints always hold the plain module underneath
-        return wrap_ddp(compile_model(model) if config.compile else model, dist, device)
+        return wrap_ddp(compile_model(model, device) if config.compile else model, dist, device)
     ranks = dict(rank=dist.rank, world_size=dist.world_size)
     if ckpt is not None:
         trainer = Trainer.from_checkpoint(ckpt, val_dl, train_dl, hooks, config=config, device=device, wrap=wrap,
@@ -358,10 +359,23 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     return trainer, train_dl
 
 # %% ../nbs/16_main.ipynb #17602fdf
+@dataclass
+class RunOutcome:
+    "How a run of `tinylm_train` ended: its status, its step, the signal that stopped it and its newest checkpoint."
+    status: str
+    step: int
+    stop_signal: int | None
+    last_checkpoint: Path | None
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> RunOutcome:
+        return cls(trainer.status, trainer.step, trainer.stop_signal, trainer.last_checkpoint)
+
 class TrainSession:
     "One invocation of `tinylm_train`: what it needs to report an interruption or an error."
     def __init__(self):
-        self.trainer = None   # the run's trainer, once built
+        self.trainer = None   # the run's trainer while it trains
+        self.outcome = None   # how the run ended, once it has (the trainer and its model are let go then)
         self.prefix = ''      # what this process's lines start with: its rank, under torchrun
 
     def sources(self, args) -> tuple[dict | None, InitSource | None]:
@@ -376,10 +390,10 @@ class TrainSession:
         return ckpt, init
 
     def interrupted(self) -> str:
-        t = self.trainer
-        if t is None or t.status == 'created':
+        o = self.outcome or (RunOutcome.of(self.trainer) if self.trainer is not None else None)
+        if o is None or o.status == 'created':
             return "interrupted before training started; nothing was saved"
-        return f"interrupted at step {t.step}; the last checkpoint is {t.last_checkpoint or 'none'}"
+        return f"interrupted at step {o.step}; the last checkpoint is {o.last_checkpoint or 'none'}"
 
     def __call__(self, args) -> int:
         dist = dist_env()
@@ -394,36 +408,47 @@ class TrainSession:
             lock.check()                 # a busy folder: say so now, before any work
         hooks = standard_hooks(config, main_rank=dist.is_main) + [load_hook(h) for h in args.hooks]
         try:
-            trainer, train_dl = build_trainer(config, ckpt, hooks, args.allow_data_change, dist, args.overwrite,
-                                              progress=show_progress if dist.is_main else None, init=init, probe=probe)
+            self.trainer, train_dl = build_trainer(config, ckpt, hooks, args.allow_data_change, dist, args.overwrite,
+                                                   progress=show_progress if dist.is_main else None, init=init,
+                                                   probe=probe)
             if dist.is_main:
                 lock.acquire()
                 if args.overwrite:
                     clear_run(config.out_dir)
-            self.trainer = trainer
-            trainer.fit(train_dl)
+            self.trainer.fit(train_dl)
             barrier()   # the other ranks wait until rank 0 has saved and logged
         except Exception as e:
-            if 'Connection closed by peer' in str(e) or 'Connection reset by peer' in str(e):   # another rank died
-                raise TinyLMError("lost contact with another process of this job (it probably failed: see its error "
-                                  "above)") from None
+            if dist.enabled and lost_peer(e):   # another rank is gone: name it if the job's store can say
+                raise TinyLMError(lost_message(dist)) from None
+            if dist.enabled:
+                report_failure(dist, f"{type(e).__name__}: {str(e).strip()[:200]}")
             raise
         finally:
+            self.let_go()
             cleanup_distributed()
             lock.release()
-        if trainer.status != 'interrupted':
+        if self.outcome.status != 'interrupted':
             return 0
         if dist.is_main:
-            say(stopped_message(trainer))
-        return 128 + int(trainer.stop_signal) if trainer.stop_signal else 1   # the shell's convention: 130, 143, 129
+            say(stopped_message(self.outcome))
+        stop = self.outcome.stop_signal
+        return 128 + int(stop) if stop else 1   # the shell's convention: 130, 143, 129
 
-def stopped_message(trainer: Trainer) -> str:
+    def let_go(self):
+        """Keep how the run ended, and let go of the trainer, its model and its data: a DDP model holds on to the
+        process group, and one that outlives `destroy_process_group` is torn down at exit, where gloo can abort."""
+        if self.trainer is not None:
+            self.outcome = RunOutcome.of(self.trainer)
+        self.trainer = None
+        gc.collect()   # hooks and the trainer refer to each other: free the cycle now, not at exit
+
+def stopped_message(outcome: RunOutcome) -> str:
     "What a stopped run tells its user: what stopped it, and the checkpoint to resume from."
-    name = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else 'a stop request'
-    where = trainer.last_checkpoint
+    name = signal.Signals(outcome.stop_signal).name if outcome.stop_signal else 'a stop request'
+    where = outcome.last_checkpoint
     if where is None:
         return f"stopped by {name} before the first step; nothing to save"
-    return f"stopped by {name} at step {trainer.step}; checkpoint: {where}\nresume with: tinylm_train --resume {where}"
+    return f"stopped by {name} at step {outcome.step}; checkpoint: {where}\nresume with: tinylm_train --resume {where}"
 
 def main(argv=None) -> int:
     "Run `tinylm_train` with `argv`; returns the process exit status."

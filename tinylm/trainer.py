@@ -18,8 +18,8 @@ from .config import TrainingConfig, TinyLMError
 from .tokenizer import Tokenizer
 from .bpe import TextCounts
 from .optim import create_optimizer, lr_at, set_lr
-from .device import (pick_device, autocast, to_device, unwrap_model, fork_rng, machine_kind, grad_scaler,
-                           choose_precision, resumed_precision)
+from .device import (pick_device, autocast, to_device, unwrap_model, fork_rng, synchronize, machine_kind,
+                           grad_scaler, choose_precision, resumed_precision)
 from .distributed import mean_over_ranks, reduce_over_ranks, all_ranks_agree, agree_on_stop
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError, atomic_save,
                                atomic_write, capture_rng, restore_rng, load_checkpoint, check_resumable,
@@ -72,11 +72,13 @@ class Trainer:
         self.last_loss = None                   # the last step's loss: a detached tensor (reading it syncs)
         self.step_seconds = 0.0
         self.train_seconds = 0.0                # the steps' time so far: no start-up, evaluation or saving
+        self.clock_cadence = config.log_cadence  # steps between synchronised clock readings (see `time_every`)
+        self.clock_synced = False               # whether the last step waited for the device: its times are true
         self.timer = None                       # a profiler's stopwatches for `phase`, while `timed` lends them
         # decided once per run
         self._precision = None                  # `precision`, decided on first use
         self.precision_probe = None             # what decided it
-        self.time_budget = None                 # the steps a time budget decided (`fix_horizon`, dials chapter)
+        self.time_budget = None                 # a time budget's latest decision (`set_schedule`, dials chapter)
         self.budget_probe = budget_probe        # what `--depth auto` (or a budget's first check) measured
         # evaluation and sampling
         self.last_val_loss = None
@@ -161,14 +163,32 @@ class Trainer:
         "`path` is the run's newest complete checkpoint: the one errors and a stopped run name to resume from."
         self.last_checkpoint = Path(path)
 
-    def fix_horizon(self, steps: int, warmup_steps: int, decision: dict):
-        """End the run at step `steps`, where the schedule reaches its floor, after `warmup_steps` of warm-up: what a
-        time budget decides from the speed it measured (`decision`, which the log records)."""
-        self.config = self.config.with_overrides(max_steps=steps, lr_decay_steps=steps, warmup_steps=warmup_steps)
-        self.max_steps = steps
-        self.time_budget = {'step': self.step, **decision, 'steps': steps}
+    def set_schedule(self, decision: dict | None = None, **fields):
+        """Change the run's length or learning-rate schedule (`max_steps`, `lr_decay_steps`, `warmup_steps`,
+        `decay_fraction`) from this step on, as a time budget decides from the speed it measures; `decision`, what
+        decided it, is kept (`time_budget`), logged and checkpointed (None: the last decision, carried on)."""
+        self.config = self.config.with_overrides(**fields)
+        self.max_steps = self.config.max_steps
+        if decision is not None:
+            self.time_budget = {'step': self.step, **decision}
+
+    def time_every(self, steps: int):
+        "Synchronise the clock at least every `steps` steps (and at the log cadence), for a hook that reads times."
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise TinyLMError(f"the clock cadence must be a whole number of steps >= 1, got {steps!r}")
+        self.clock_cadence = steps
 
 # %% ../nbs/12_trainer.ipynb #634806db
+@patch
+def _check_finite(self: Trainer, loss: float):
+    "Raise `TrainingDiverged` for a loss that is NaN or infinite, naming what to resume from."
+    if math.isfinite(loss):
+        return
+    last = f"resume from the last checkpoint ({self.last_checkpoint})" if self.last_checkpoint else \
+           "start again (no checkpoint was saved yet)"
+    raise TrainingDiverged(f"the loss became {loss} at step {self.step}; try a lower learning_rate "
+                           f"(or more warmup_steps) and {last}")
+
 @patch
 def training_step(self: Trainer, batch):
     "One optimizer step on `batch` (an `(x, y)` pair or a list of micro-batch pairs); returns the detached loss."
@@ -208,13 +228,11 @@ def training_step(self: Trainer, batch):
         self.optimizer.zero_grad(set_to_none=True)
     self.step += 1
     self.last_loss = total
-    if self.step % self.config.log_cadence == 0:   # the only host sync of a step, at the logging cadence
-        value = mean_over_ranks(total, self.world_size).item()   # the loss of the global batch
-        if not math.isfinite(value):
-            last = f"resume from the last checkpoint ({self.last_checkpoint})" if self.last_checkpoint else \
-                   "start again (no checkpoint was saved yet)"
-            raise TrainingDiverged(f"the loss became {value} at step {self.step}; try a lower learning_rate "
-                                   f"(or more warmup_steps) and {last}")
+    if self.step % self.config.log_cadence == 0:   # the loss is read (a host sync) at the logging cadence only
+        self._check_finite(mean_over_ranks(total, self.world_size).item())   # the loss of the global batch
+    self.clock_synced = self.step % self.config.log_cadence == 0 or self.step % self.clock_cadence == 0
+    if self.clock_synced:
+        synchronize(self.device)                   # the step's work done, not just queued: its time is true
     self.step_seconds = time.perf_counter() - t0
     self.train_seconds += self.step_seconds
     self.fire('after_step')
@@ -381,7 +399,8 @@ def checkpoint_state(self: Trainer, tokenizer: Tokenizer | None = None, rng_rank
             'step': self.step, 'run_id': self.run_id, 'config': self.config.to_dict(),
             'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'tokenizer': tok.state_dict(), 'rng': capture_rng(), 'sampler': {'batches_consumed': self.data_position},
-            'best_val_loss': float(self.best_val_loss),
+            'best_val_loss': float(self.best_val_loss), 'train_seconds': self.train_seconds,
+            'time_budget': self.time_budget,
             'last_val_loss': None if self.last_val_loss is None else float(self.last_val_loss),
             'data_sha256': self.data_sha256, 'world_size': self.world_size, 'init_from': self.init_from,
             'torch_version': str(torch.__version__), 'tinylm_version': str(tinylm.__version__),
@@ -427,7 +446,7 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     if train_dataloader is not None:
         trainer._place_loader(train_dataloader)
     ranks = ckpt.get('rng_ranks')
-    restore_rng(ranks[rank] if ranks is not None and len(ranks) == world_size else ckpt['rng'])
+    restore_rng(ranks[rank] if ranks is not None and len(ranks) == world_size else ckpt['rng'], device)
     return trainer
 
 @patch
@@ -437,6 +456,8 @@ def _restore(self: Trainer, ckpt: dict, where: str):
     self.run_id = ckpt['run_id']
     self.best_val_loss = float(ckpt.get('best_val_loss', math.inf))
     self.last_val_loss = ckpt.get('last_val_loss')
+    self.train_seconds = float(ckpt.get('train_seconds', 0.0))   # checkpoints before tinylm 0.5 did not keep it
+    self.time_budget = ckpt.get('time_budget')
     self.resumed_from = where
     self.last_checkpoint = Path(where)
     self.restore_position = ckpt['sampler']['batches_consumed']
