@@ -198,3 +198,10 @@ def saved_run(ref_run, tmp_path) -> Run:
     dst = tmp_path / 'saved'
     shutil.copytree(ref_run.out, dst, copy_function=shutil.copy2)
     return Run(dst).reload()
+
+
+def assert_decay_reached_floor(lr: float, config: dict):
+    """The last step's rate is at the floor, give or take a step of the decay: when the clock's last reading finds the
+    time spent a step early, the run ends there, a step short of the floor (a budget is a promise about time)."""
+    floor, peak = config['min_lr'], config['learning_rate']
+    assert floor <= lr <= floor + 0.02 * (peak - floor), (lr, floor, peak)

@@ -11,11 +11,18 @@ ROOT = PKG.parent
 MODULES = sorted(p for p in PKG.glob('*.py') if p.name not in ('__init__.py', '_modidx.py'))
 
 
-def chapter(path: Path) -> int:
-    "The chapter number of a module, from the `File to edit: ../nbs/NN_name.ipynb` line nbdev writes at its top."
-    m = re.search(r'File to edit: \.\./nbs/(\d+)_\w+\.ipynb', path.read_text(encoding='utf-8'))
+def chapter_key(name: str) -> tuple[int, str]:
+    "The place of a chapter in reading order from its notebook's name: `02_x` is (2, ''), `02a_y` (2, 'a') after it."
+    m = re.match(r'(\d+)([a-z]?)_', name)
+    assert m, f"{name} is not a numbered chapter"
+    return int(m.group(1)), m.group(2)
+
+
+def chapter(path: Path) -> tuple[int, str]:
+    "The chapter of a module, from the `File to edit: ../nbs/NN_name.ipynb` line nbdev writes at its top."
+    m = re.search(r'File to edit: \.\./nbs/(\d+[a-z]?_\w+)\.ipynb', path.read_text(encoding='utf-8'))
     assert m, f"{path.name} has no 'File to edit' header: was it written by hand?"
-    return int(m.group(1))
+    return chapter_key(m.group(1))
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -45,14 +52,14 @@ def test_no_forward_import(path):
                                       "a chapter may only import from earlier chapters")
 
 
-NOTEBOOKS = sorted((PKG.parent / 'nbs').glob('[0-9][0-9]_*.ipynb'))
+NOTEBOOKS = sorted((PKG.parent / 'nbs').glob('[0-9][0-9]*_*.ipynb'))
 
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.stem)
 def test_no_chapter_reads_ahead(nb, tmp_path):
     "Every code cell of chapter NN, exported or not, imports only from chapters up to NN: the book reads in order."
     import json
-    own = int(nb.name[:2])
+    own = chapter_key(nb.name)
     code = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text(encoding='utf-8'))['cells']
                      if c['cell_type'] == 'code')
     code = '\n'.join(l for l in code.splitlines() if not l.lstrip().startswith(('%', '!')))   # IPython magics
@@ -161,6 +168,14 @@ def test_committed_outputs_hold_no_machine_paths_warnings_or_tracebacks(nb):
             m = LEAKS.search(text)
             assert m is None, f"{nb.name} cell {i}: its output shows {m.group(0)!r}: {text[max(0, m.start() - 80):m.end() + 80]!r}"
 
+
+@pytest.mark.parametrize('nb', [p for p in sorted((PKG.parent / 'nbs').glob('*.ipynb'))], ids=lambda p: p.name)
+def test_notebook_lines_fit_in_120_characters(nb):
+    "Every line of every cell, code and prose, reads without scrolling: at most 120 characters."
+    cells = json.loads(nb.read_text(encoding='utf-8'))['cells']
+    long = [(i, line[:60]) for i, cell in enumerate(cells) for line in ''.join(cell['source']).split('\n')
+            if len(line) > 120]
+    assert not long, f"{nb.name}: lines over 120 characters (cell, start): {long}"
 
 def test_the_dev_extra_installs_every_other_extra():
     "The README installs `.[dev]` and then runs every test: nothing a test or a chapter imports may be left out."

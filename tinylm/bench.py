@@ -23,7 +23,8 @@ from .dials import apply_dials
 
 # %% auto #0
 __all__ = ['GPT2_SHAPE', 'main', 'cli', 'memory_bandwidth', 'decode_bytes', 'generation_times', 'decode_vs_context',
-           'generation_bench', 'benchmark', 'format_report', 'make_parser', 'bench_config', 'run']
+           'generation_bench', 'benchmark', 'prepared_label', 'prepare_passes', 'format_report', 'make_parser',
+           'bench_config', 'run']
 
 # %% ../nbs/26_bench.ipynb #eecfb3d9
 def memory_bandwidth(mb: int = 256, reps: int = 5, device='cpu') -> float:
@@ -117,7 +118,8 @@ def generation_bench(model: Transformer, new_tokens: int = 64, gpt2: bool = True
 # %% ../nbs/26_bench.ipynb #2f0bce88
 def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdown_steps: int = 30,
               big_corpus_mb: float = 100.0, startup: bool = True, matmul_n: int | None = None,
-              prepare_mb: float = 0, generation: str = 'all', generation_tokens: int = 64, log=print) -> dict:
+              prepare_mb: float = 0, generation: str = 'all', generation_tokens: int = 64, log=print,
+              prepare_format: str = 'jsonl') -> dict:
     "Run every measurement for `config`; returns a JSON-ready dict (see the table in `format_report`)."
     log(f"tinylm_bench: building the model ({'compiled' if config.compile else 'eager'})...")
     trainer, train_dl = setup(config)
@@ -173,9 +175,9 @@ def benchmark(config: TrainingConfig, steps: int = 50, warmup: int = 10, breakdo
         with tempfile.TemporaryDirectory(prefix='tinylm_bench_') as d:
             res['startup'] = startup_time(config, d)
     if prepare_mb:
-        log(f"tinylm_bench: preparing a {prepare_mb:,.0f} MB corpus, then starting a run on it...")
+        log(f"tinylm_bench: preparing a {prepare_mb:,.0f} MB corpus ({prepare_format}), then starting a run on it...")
         with tempfile.TemporaryDirectory(prefix='tinylm_bench_') as d:
-            res['prepare'] = prepare_times(config, prepare_mb, d)
+            res['prepare'] = prepare_times(config, prepare_mb, d, documents=prepare_format == 'jsonl')
     return res
 
 # %% ../nbs/26_bench.ipynb #4a20449c
@@ -195,6 +197,17 @@ def _generation_rows(g: dict) -> list:
     if 'gpt2_bf16' in g:
         rows.append(('  bfloat16 weights', row(g['gpt2_bf16'])))
     return rows
+
+def prepared_label(p: dict) -> str:
+    "The row name of a prepared corpus: its size, its format and how many documents it held."
+    if p.get('format') != 'jsonl':
+        return f"prepared corpus ({p['mb']:,.0f} MB)"
+    return f"prepared corpus ({p['mb']:,.0f} MB JSON Lines, {p['documents'] / 1e6:.2f}M documents)"
+
+def prepare_passes(p: dict) -> str:
+    "How long each pass of a preparation took, from the seconds at which each began."
+    begun = sorted(p.get('phases', {}).items(), key=lambda kv: kv[1]) + [('end', p['prepare_s'])]
+    return ', '.join(f"{name} {end - start:,.0f} s" for (name, start), (_, end) in zip(begun, begun[1:]))
 
 def format_report(r: dict) -> str:
     "The benchmark result `r` as a readable table."
@@ -253,7 +266,7 @@ def format_report(r: dict) -> str:
                                               f"process {s['total_wall_s']:.2f} s)"))
     if 'prepare' in r:
         p = r['prepare']
-        rows.append((f"prepared corpus ({p['mb']:,.0f} MB)", f"prepared at {p['prepare_mb_s']:,.0f} MB/s, peak RSS "
+        rows.append((prepared_label(p), f"prepared at {p['prepare_mb_s']:,.1f} MB/s ({prepare_passes(p)}), peak RSS "
                      f"{p['prepare_peak_rss_mb']:,.0f} MB, {p['disk_mb']:,.0f} MB on disk | a run on it: first step "
                      f"{p['to_first_step_s']:.2f} s after launch, peak RSS {p['run_peak_rss_mb']:,.0f} MB; "
                      f"a resume: next step "
@@ -289,6 +302,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help='matrix size for the ceiling (default 2048 on CPU, 8192 on CUDA)')
     p.add_argument('--prepare-mb', '--prepare_mb', dest='prepare_mb', type=float, default=0, metavar='MB',
                    help='also prepare a generated corpus of MB megabytes and time a run on it (needs ~2x MB of disk)')
+    p.add_argument('--prepare-format', '--prepare_format', dest='prepare_format', choices=('jsonl', 'txt'),
+                   default='jsonl', help='the generated corpus: JSON Lines documents (the default) or one text')
     p.add_argument('--generation', choices=('all', 'model', 'none'), default='all',
                    help='time text generation: this model and a GPT-2-small shape (all, the default), this model '
                         'only, or none')
@@ -331,7 +346,8 @@ def run(args) -> int:
     res = benchmark(config, steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
                     big_corpus_mb=0 if args.skip_big_corpus else args.big_corpus_mb,
                     startup=not args.skip_startup, matmul_n=args.matmul_n, prepare_mb=args.prepare_mb,
-                    generation=args.generation, generation_tokens=args.generation_tokens, log=log)
+                    generation=args.generation, generation_tokens=args.generation_tokens, log=log,
+                    prepare_format=args.prepare_format)
     say(format_report(res))
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=2) + '\n'), mode='w')

@@ -4,18 +4,20 @@
 
 # %% ../nbs/02_tokenization.ipynb #cff969be
 from __future__ import annotations
-import codecs, functools, math, re
+import codecs, collections, functools, itertools, json, math, multiprocessing, os, re
+from concurrent.futures import ThreadPoolExecutor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .tokenizer import Tokenizer, TokenizerError, _TokenizerBase, _as_ids
+from .tokenizer import Tokenizer, TokenizerError, _TokenizerBase, _as_ids, _encoded, EOT
 
 # %% auto #0
-__all__ = ['PIECE_CHARS', 'SAMPLE_CHARS', 'MIN_VOCAB', 'iter_pieces', 'text_pieces', 'safe_end', 'BPETokenizer',
-           'tokenizer_class', 'tokenizer_from_state', 'tokenizer_info', 'StreamDecoder', 'count_tables', 'TextCounts']
+__all__ = ['PIECE_CHARS', 'SAMPLE_CHARS', 'MIN_VOCAB', 'GPT2_SPLIT', 'iter_pieces', 'text_pieces', 'safe_end', 'BPETokenizer',
+           'cpu_threads', 'tokenizer_class', 'tokenizer_from_state', 'tokenizer_info', 'StreamDecoder', 'count_tables',
+           'TextCounts']
 
 # %% ../nbs/02_tokenization.ipynb #618e6593
 PIECE_CHARS = 1 << 16            # the training text is fed (and encoded) in pieces of about this many characters
@@ -85,7 +87,11 @@ class BPETokenizer(_TokenizerBase):
             raise TokenizerError(f"{source} has an empty vocabulary")
         self.dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
         self.byte_level = type(self._tok.decoder).__name__ == 'ByteLevel'
+        self._tok.encode_special_tokens = True   # text never encodes to a special token: only documents' joins do
+        self._fast = None          # tiktoken's encoder of the same ids, once checked against the library's (below)
+        self._fast_checked = False
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        self.eot_id = self._tok.token_to_id(EOT) if EOT in special else None
         table = _byte_decoder() if self.byte_level else None
         self.token_bytes = []
         for i in range(self.vocab_size):
@@ -99,20 +105,24 @@ class BPETokenizer(_TokenizerBase):
             self.token_bytes.append(b)
 
     @classmethod
-    def train(cls, pieces, vocab_size: int | None = None) -> BPETokenizer:
-        "A byte-level BPE of `vocab_size` entries trained on the texts `pieces` (see `text_pieces`), or on one text."
+    def train(cls, pieces, vocab_size: int | None = None, eot: bool = False) -> BPETokenizer:
+        """A byte-level BPE of `vocab_size` entries trained on the texts `pieces` (see `text_pieces`), or on one text;
+        with `eot`, its last entry is the end-of-text token."""
         if isinstance(pieces, str):
             pieces = text_pieces(pieces)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
-            raise TokenizerError(f"a byte-level BPE needs at least {MIN_VOCAB} entries (256 bytes and one merge), "
-                                 f"got {vocab_size!r}")
+        least = MIN_VOCAB + bool(eot)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < least:
+            what = "256 bytes, one merge and the end-of-text token" if eot else "256 bytes and one merge"
+            raise TokenizerError(f"a byte-level BPE needs at least {least} entries ({what}), got {vocab_size!r}")
         lib = _library()
         tok = lib.Tokenizer(lib.models.BPE())
         tok.pre_tokenizer = lib.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = lib.decoders.ByteLevel()
-        trainer = lib.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[],
+        trainer = lib.trainers.BpeTrainer(vocab_size=vocab_size - bool(eot), show_progress=False, special_tokens=[],
                                           initial_alphabet=lib.pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(pieces, trainer=trainer)
+        if eot:
+            tok.add_special_tokens([EOT])   # after the merges: the last id
         return cls(tok.to_str(), 'a trained BPE')
 
     @classmethod
@@ -146,18 +156,28 @@ class BPETokenizer(_TokenizerBase):
 
 # %% ../nbs/02_tokenization.ipynb #113b0f38
 @patch
-def encode(self: BPETokenizer, text: str, offset: int = 0) -> np.ndarray:
-    "Ids of `text` (a 1-D array of `self.dtype`), encoded in parallel over `text_pieces`."
-    if not isinstance(text, str):
-        raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
-    pieces = text_pieces(text)
-    if not pieces:
-        return np.zeros(0, dtype=self.dtype)
+def encode_many(self: BPETokenizer, texts: list[str], offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of `texts`, one after the other (a 1-D array of `self.dtype`), and how many belong to each; encoded in
+    parallel over their `text_pieces`."""
+    pieces, owner = [], []      # every text's pieces, in one list; and which text each piece belongs to
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
+        parts = text_pieces(text) if len(text) > PIECE_CHARS else [text]
+        pieces += parts
+        owner += [i] * len(parts)
     try:
-        encoded = self._tok.encode_batch(pieces, add_special_tokens=False)
+        encoded = self._encode_pieces(pieces)
     except Exception as e:
         raise TokenizerError(f"cannot encode the text at position {offset}: {e}") from None
-    return np.concatenate([np.asarray(e.ids, dtype=self.dtype) for e in encoded])
+    counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(counts.sum()))
+    return ids, np.bincount(owner, weights=counts, minlength=len(texts)).astype(np.int64)
+
+@patch
+def encode(self: BPETokenizer, text: str, offset: int = 0) -> np.ndarray:
+    "Ids of `text` (a 1-D array of `self.dtype`), encoded in parallel over `text_pieces`."
+    return self.encode_many([text], offset)[0]
 
 @patch
 def decode(self: BPETokenizer, ids) -> str:
@@ -169,8 +189,96 @@ def decode(self: BPETokenizer, ids) -> str:
 
 @patch(as_prop=True)
 def default_prompt(self: BPETokenizer) -> str:
-    "The prompt of a sample nobody gave one: a newline (a byte token of every byte-level vocabulary)."
-    return '\n'
+    "The prompt of a sample nobody gave one: a document's start (''), else a newline (a byte token of every BPE)."
+    return '' if self.eot_id is not None else '\n'
+
+# %% ../nbs/02_tokenization.ipynb #193d6f3d
+# GPT-2's split into words (the library's ByteLevel pre-tokenizer), in tiktoken's possessive form of the same pattern
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+def _merge_ranks(tok: BPETokenizer) -> dict[bytes, int] | None:
+    "The bytes of each token -> its id, if `tok` is a byte-level BPE whose ids follow its merges; else None."
+    d = json.loads(tok.json)
+    model, pre = d.get('model') or {}, d.get('pre_tokenizer') or {}
+    gpt2_split = pre.get('type') == 'ByteLevel' and not pre.get('add_prefix_space') and pre.get('use_regex', True)
+    if model.get('type') != 'BPE' or d.get('normalizer') or d.get('post_processor') or not gpt2_split:
+        return None
+    vocab, table = model['vocab'], _byte_decoder()
+    merges = [m.split(' ') if isinstance(m, str) else m for m in model.get('merges', [])]
+    made = [vocab.get(a + b) for a, b in merges]
+    if None in made or made != sorted(set(made)):   # every merge makes a new token, in increasing ids
+        return None
+    special = {t['content'] for t in d.get('added_tokens', [])}
+    ranks = {bytes(table[c] for c in s): i for s, i in vocab.items() if s not in special}
+    return ranks if all(bytes([b]) in ranks for b in range(256)) else None
+
+def _tiktoken_of(tok: BPETokenizer):
+    "tiktoken's encoder with `tok`'s ids, or None (tiktoken missing, or a tokenizer it cannot mirror)."
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    ranks = _merge_ranks(tok)
+    if ranks is None:
+        return None
+    return tiktoken.Encoding(f"tinylm-{tok.sha256[:12]}", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={})
+
+def cpu_threads() -> int:
+    "The processors this process may run on."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+def _tiktoken_ids(fast, pieces: list[str]) -> list[list[int]]:
+    """The ids of `pieces` by tiktoken: one run of pieces per thread, each piece one call (tiktoken's own batch hands
+    every piece to a thread pool, which costs more than a short document takes to encode)."""
+    n = cpu_threads()
+    if n == 1 or len(pieces) < 2 * n:
+        return [fast.encode_ordinary(p) for p in pieces]
+    runs = [pieces[i * len(pieces) // n:(i + 1) * len(pieces) // n] for i in range(n)]
+    with ThreadPoolExecutor(n) as pool:
+        return [ids for run in pool.map(lambda ps: [fast.encode_ordinary(p) for p in ps], runs) for ids in run]
+
+@patch
+def _encode_pieces(self: BPETokenizer, pieces: list[str]) -> list[list[int]]:
+    "The ids of each piece of text: by tiktoken once it has agreed with the library on a first batch, else the library."
+    if not self._fast_checked:
+        self._fast_checked = True
+        fast = _tiktoken_of(self)
+        if fast is not None:
+            ours = [e.ids for e in self._tok.encode_batch_fast(pieces, add_special_tokens=False)]
+            self._fast = fast if _tiktoken_ids(fast, pieces) == ours else None
+            return ours
+    if self._fast is not None:
+        return _tiktoken_ids(self._fast, pieces)
+    return [e.ids for e in self._tok.encode_batch_fast(pieces, add_special_tokens=False)]
+
+# %% ../nbs/02_tokenization.ipynb #cc9957da
+_WORKER = {}   # in a worker process: the tokenizer it encodes with
+
+def _start_worker(json_text: str):
+    _WORKER['tok'] = BPETokenizer(json_text)
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _WORKER['tok'].encode_many(texts)
+
+@patch
+def encode_runs(self: BPETokenizer, runs, processes: int = 1):
+    """Yield `(ids, lengths, tag)` for each `(texts, tag)` of `runs`, in order, encoded by `processes` worker processes
+    (or in this one, if `processes` < 2)."""
+    if processes < 2:
+        for texts, tag in runs:
+            yield (*_encoded(self.encode_many, texts, tag), tag)
+        return
+    spawn = multiprocessing.get_context('spawn')
+    with ProcessPoolExecutor(processes, mp_context=spawn, initializer=_start_worker, initargs=(self.json,)) as pool:
+        waiting = collections.deque()              # (future, texts, tag), oldest first
+        for texts, tag in runs:
+            waiting.append((pool.submit(_worker_encode, texts), texts, tag))
+            if len(waiting) > 2 * processes:       # a few runs ahead, no more
+                future, done, done_tag = waiting.popleft()
+                yield (*_encoded(lambda _: future.result(), done, done_tag), done_tag)
+        while waiting:
+            future, done, done_tag = waiting.popleft()
+            yield (*_encoded(lambda _: future.result(), done, done_tag), done_tag)
 
 # %% ../nbs/02_tokenization.ipynb #20e3bc0d
 _KINDS = {'char': Tokenizer, 'bpe': BPETokenizer}
@@ -189,8 +297,10 @@ def tokenizer_from_state(d):
     return _KINDS[kind].from_state_dict(d)
 
 def tokenizer_info(tok) -> dict:
-    "`{'kind', 'vocab_size', 'sha256'}` of a tokenizer: what a log record needs to tell two vocabularies apart."
-    return dict(kind=tok.kind, vocab_size=tok.vocab_size, sha256=tok.sha256)
+    """`{'kind', 'vocab_size', 'sha256'}` of a tokenizer, and its `eot_id` if it has one: what a log record needs to
+    tell two vocabularies apart."""
+    eot = {} if tok.eot_id is None else {'eot_id': tok.eot_id}
+    return dict(kind=tok.kind, vocab_size=tok.vocab_size, sha256=tok.sha256, **eot)
 
 # %% ../nbs/02_tokenization.ipynb #58df5d5d
 class StreamDecoder:

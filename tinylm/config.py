@@ -81,16 +81,19 @@ _CHOICES = {'precision': ('auto', 'float32', 'bfloat16', 'float16'), 'progress':
             'pos_emb': ('learned', 'rope'), 'norm': ('layernorm', 'rmsnorm'),
             'activation': ('gelu', 'gelu_tanh', 'relu2'),
             'optimizer': ('adamw', 'muon'), 'lr_schedule': ('cosine', 'wsd'),
-            'muon_ns_coefficients': ('muon', 'polar_express'), 'muon_ns_dtype': ('auto', 'float32', 'bfloat16')}
+            'muon_ns_coefficients': ('muon', 'polar_express'), 'muon_ns_dtype': ('auto', 'float32', 'bfloat16'),
+            'packing': ('stream', 'document')}
 
 @dataclass(frozen=True)
 class TrainingConfig:
     "Everything that defines a training run. Validated on creation; use `with_overrides` to change fields."
     # -- run and data
     seed: int = 1337                 # seeds the initial weights, dropout and the data order
-    data_path: str = DEFAULT_DATA    # UTF-8 text file (or folder of *.txt) to train on; bundled:NAME is shipped
+    data_path: str = DEFAULT_DATA    # a file, folder or glob of .txt, .jsonl, .parquet (+ .gz, .zst); bundled:NAME
     out_dir: str = 'out'             # where train.jsonl and checkpoints/ go
-    val_fraction: float = 0.05       # the last 5% of the corpus is the validation split
+    val_fraction: float = 0.05       # the last 5% of a text (5% of the documents' bytes) is the validation split
+    text_field: str = 'text'         # documents: the JSON field or Parquet column that holds each one's text
+    packing: str = 'stream'          # stream (windows anywhere) | document (rows begin at a document's start)
     max_steps: int = 2000            # total optimizer steps of the run
     time_budget: str = ''            # e.g. 10m: train this long (training only); its first steps' speed sets the steps
     batch_size: int = 12             # global sequences per micro-step
@@ -279,6 +282,7 @@ def _check_values(c: TrainingConfig):
          f"and at least one merge), got {c.bpe_vocab_size}")
     need(c.tokenizer in ('char', 'bpe') or _looks_like_path(c.tokenizer), _tokenizer_message(c.tokenizer))
     need(c.data_path != '', "config field 'data_path' must not be empty")
+    need(c.text_field != '', "config field 'text_field' must not be empty")
     need(c.out_dir != '', "config field 'out_dir' must not be empty")
     need(bool(_DEVICE_RE.match(c.device)),
          f"config field 'device' must be one of auto, cpu, cuda, cuda:N, mps; got {brief(c.device)}")
@@ -367,12 +371,12 @@ def load_config(path_or_name, base: TrainingConfig | None = None) -> TrainingCon
         raise ConfigError(msg if msg.startswith(src) else f"{src}: {msg}") from None
 
 # %% ../nbs/00_config.ipynb #c152a4b0
-HASH_EXCLUDED = frozenset({'data_path', 'out_dir', 'progress', 'tensorboard', 'keep_checkpoints', 'max_steps',
-                           'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence'})
+HASH_EXCLUDED = frozenset({'data_path', 'text_field', 'out_dir', 'progress', 'tensorboard', 'keep_checkpoints',
+                           'max_steps', 'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence'})
 # fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
 HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
                          'muon_split_qkv', 'depth', 'tokens_per_param', 'time_budget', 'logit_softcap',
-                         'value_embeds', 'x0_skip', 'smear', 'bigram_buckets', 'normuon', 'deterministic'})
+                         'value_embeds', 'x0_skip', 'smear', 'bigram_buckets', 'normuon', 'deterministic', 'packing'})
 
 def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str | None = None) -> str:
     "A short stable hash of the fields that can change what a run computes, and of a non-character vocabulary."

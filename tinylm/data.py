@@ -4,17 +4,18 @@
 
 # %% ../nbs/04_data.ipynb #0f9ec969
 from __future__ import annotations
-import math, operator
+import bisect, math, operator
+from array import array
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DataLoader
 
-from .corpus import DataError, DEFAULT_CORPUS, load_text, text_sha256  # noqa: F401 (re-exported)
+from .corpus import DataError, DEFAULT_CORPUS, load_text, text_sha256, _mix  # noqa: F401 (re-exported)
 
 # %% auto #0
 __all__ = ['split_corpus', 'WindowDataset', 'KeyedPermutation', 'check_world_batch', 'EpochBatchSampler', 'EvalBatchSampler',
-           'passthrough_collate', 'make_dataloaders']
+           'passthrough_collate', 'train_sampler', 'make_dataloaders', 'DocumentBatchSampler']
 
 # %% ../nbs/04_data.ipynb #464bf616
 def split_corpus(ids, val_fraction: float = 0.05):
@@ -76,10 +77,12 @@ def _keep_mapped(t: torch.Tensor, dtype: torch.dtype, hi: int) -> torch.Tensor:
     return t.to(dtype)
 
 class WindowDataset(Dataset):
-    "Windows of `block_size + 1` consecutive ids; item `i` is `(ids[i:i+T], ids[i+1:i+T+1])` as int64."
-    def __init__(self, ids, block_size: int, name: str = 'train', vocab_size: int | None = None):
+    """Windows of `block_size + 1` consecutive ids; item `i` is `(ids[i:i+T], ids[i+1:i+T+1])` as int64. For a corpus
+    of documents, `documents` holds where each begins."""
+    def __init__(self, ids, block_size: int, name: str = 'train', vocab_size: int | None = None, documents=None):
         self.block_size = _check_int('block_size', block_size, 1)
         self.name = name
+        self.documents = None if documents is None else np.asarray(documents, dtype=np.int64)
         t = _as_tensor(ids, name)
         n, need = len(t), self.block_size + 1
         if n < need:
@@ -116,10 +119,15 @@ class WindowDataset(Dataset):
         return w[:-1], w[1:]
 
     def __getitems__(self, indices):
-        "A whole batch `(X, Y)`, each int64 of shape `(len(indices), block_size)`, gathered in one go."
+        """A whole batch `(X, Y)`, each int64 of shape `(len(indices), block_size)`, gathered in one go: `indices` are
+        window starts, or (2-D) the token positions of each row."""
         idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.ndim == 2 and idx.shape[1] == self.block_size + 1:
+            w = self.data[idx].long()                          # packed rows: their positions, given
+            return w[:, :-1].contiguous(), w[:, 1:].contiguous()
         if idx.ndim != 1:
-            raise IndexError(f"batch indices must be 1-D, got shape {tuple(idx.shape)}")
+            raise IndexError(f"batch indices must be window starts (1-D) or rows of {self.block_size + 1} token "
+                             f"positions, got shape {tuple(idx.shape)}")
         n = len(self)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
             bad = int(idx[(idx < 0) | (idx >= n)][0])
@@ -132,13 +140,7 @@ class WindowDataset(Dataset):
                 f"windows={len(self):,}, dtype={self.data.dtype})")
 
 # %% ../nbs/04_data.ipynb #992f3f1f
-_GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    "SplitMix64's finaliser on uint64 arrays: every output bit depends on every input bit (arithmetic wraps mod 2^64)."
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+_GOLDEN = 0x9E3779B97F4A7C15   # 2^64 / golden ratio: spreads consecutive keys over the 64 bits
 
 class KeyedPermutation:
     "A pseudo-random permutation of `range(n)` computed index by index: a 4-round Feistel network with cycle-walking."
@@ -292,14 +294,156 @@ def passthrough_collate(batch):
     "Return `batch` unchanged: `WindowDataset.__getitems__` already built the `(X, Y)` tensors."
     return batch
 
+def train_sampler(train_ds: WindowDataset, config, rank: int = 0, world_size: int = 1):
+    "The batch sampler of `config.packing`: windows anywhere in the stream, or rows packed from whole documents."
+    if getattr(config, 'packing', 'stream') == 'stream':
+        return EpochBatchSampler(len(train_ds), config.batch_size, config.seed, rank=rank, world_size=world_size)
+    if train_ds.documents is None:
+        raise DataError("packing: document packs rows from documents, and this corpus is one text (text files only); "
+                        "use packing: stream, or a corpus of documents (.jsonl or .parquet files)")
+    return DocumentBatchSampler(train_ds.documents, len(train_ds.data), config.block_size, config.batch_size,
+                                config.seed, rank=rank, world_size=world_size)
+
 def make_dataloaders(train_ds: WindowDataset, val_ds: WindowDataset, config, rank: int = 0, world_size: int = 1,
                      pin_memory: bool = False):
-    "Training (endless, resumable) and validation (finite, fixed) `DataLoader`s yielding `(X, Y)` of shape `(B, T)`."
-    train_sampler = EpochBatchSampler(len(train_ds), config.batch_size, config.seed, rank=rank, world_size=world_size)
+    """Training (endless, resumable) and validation (finite, fixed) `DataLoader`s yielding `(X, Y)` of shape `(B, T)`;
+    validation is windows whatever the packing, so that two packings are scored alike."""
+    train_sampler_ = train_sampler(train_ds, config, rank, world_size)
     val_sampler = EvalBatchSampler(len(val_ds), config.batch_size, config.eval_batches, rank=rank,
                                    world_size=world_size, stride=config.block_size)
     # `generator=`: starting to iterate a DataLoader draws a seed from this generator; without one it would draw
     # from the *global* torch generator and shift dropout's random stream at every evaluation.
     kw = dict(num_workers=0, collate_fn=passthrough_collate, pin_memory=pin_memory)
-    return (DataLoader(train_ds, batch_sampler=train_sampler, generator=torch.Generator(), **kw),
+    return (DataLoader(train_ds, batch_sampler=train_sampler_, generator=torch.Generator(), **kw),
             DataLoader(val_ds, batch_sampler=val_sampler, generator=torch.Generator(), **kw))
+
+# %% ../nbs/04_data.ipynb #5d99fafe
+class DocumentBatchSampler:
+    """Endless, resumable batches of rows of `block_size + 1` token positions, each row beginning at a document's
+    start (`starts`, of a split of `n_tokens`), packed by best fit from a buffer of documents in a keyed order."""
+    BUFFER = 1000   # documents the best fit chooses from
+
+    def __init__(self, starts, n_tokens: int, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.lengths = np.diff(np.append(self.starts, _check_int('n_tokens', n_tokens, 1)))
+        self.row = _check_int('block_size', block_size, 1) + 1
+        self.batch_size = _check_int('batch_size', batch_size, 1)
+        self.seed = _check_int('seed', seed, 0)
+        self.world_size = _check_int('world_size', world_size, 1)
+        self.rank = _check_int('rank', rank, 0, self.world_size)
+        check_world_batch(self.batch_size, self.world_size)
+        if len(self.starts) == 0 or self.starts[0] != 0 or (self.lengths <= 0).any():
+            raise DataError("document starts must begin at 0 and increase, inside the split")
+        self.per_rank = self.batch_size // self.world_size
+        self.epoch = 0
+        self.position = 0          # batches taken in this epoch
+        self._plans = {}           # epoch -> its rows: (segment starts, segment lengths, first segment of each row)
+        self._counts = {}          # epoch -> batches in it
+        self.batches_per_epoch = self._batches(0)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the training documents fill {len(self._plans[0][2]) - 1} rows of {self.row} tokens, "
+                            f"fewer than one batch of {self.batch_size}; use a larger corpus or smaller batches")
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Epoch `epoch`'s rows: `(segment starts, segment lengths, each row's first segment and one past the last, the
+        order the rows are served in)`."""
+        if epoch not in self._plans:
+            self._plans = {epoch: self._best_fit(epoch)}   # one epoch at a time: a plan costs memory per document
+        return self._plans[epoch]
+
+    def _best_fit(self, epoch: int):
+        """Fill rows by best fit from a buffer of documents taken in epoch `epoch`'s keyed order (of two equally long,
+        the earlier in that order); then a keyed order of the rows, so that batches do not come sorted by length."""
+        key = (self.seed * 2**32 + epoch) * 2
+        order = KeyedPermutation(len(self.starts), key)(np.arange(len(self.starts)))
+        lengths = self.lengths[order].tolist()        # the k-th document of the epoch's length
+        buffer = []                                   # (length, -k), sorted: the longest, then the earliest, last
+        seg_k, seg_len, row_first = array('q'), array('q'), array('q', [0])
+        taken = 0                                     # documents moved into the buffer so far
+        while True:
+            room = self.row
+            while room:
+                while len(buffer) < self.BUFFER and taken < len(order):
+                    bisect.insort(buffer, (lengths[taken], -taken))
+                    taken += 1
+                if not buffer:
+                    break
+                fits = bisect.bisect_right(buffer, (room, 1)) - 1            # the longest that fits
+                n, k = buffer.pop(max(fits, 0))                              # none fits: the shortest, cropped
+                seg_k.append(-k)
+                seg_len.append(min(n, room))
+                room -= min(n, room)
+            if room:                                  # the documents ran out: the last row is not full, drop it
+                del seg_k[row_first[-1]:], seg_len[row_first[-1]:]
+                break
+            row_first.append(len(seg_k))
+        rows = len(row_first) - 1
+        served = KeyedPermutation(max(rows, 1), key + 1)(np.arange(rows))
+        return (self.starts[order[np.frombuffer(seg_k, dtype=np.int64)]], np.frombuffer(seg_len, dtype=np.int64),
+                np.frombuffer(row_first, dtype=np.int64), served)
+
+    def _batches(self, epoch: int) -> int:
+        "Batches in epoch `epoch` (planned once to count them)."
+        if epoch not in self._counts:
+            self._counts[epoch] = (len(self.plan(epoch)[2]) - 1) // self.batch_size
+        return self._counts[epoch]
+
+    @property
+    def kept(self) -> float:
+        "The share of the documents' tokens that the current epoch's rows hold (the rest was cropped)."
+        return float(self.plan(self.epoch)[1].sum() / self.lengths.sum())
+
+    def _batch(self, epoch: int, position: int) -> torch.Tensor:
+        "This rank's rows of batch `position` of `epoch`: a `(per_rank, block_size + 1)` tensor of token positions."
+        seg_start, seg_len, row_first, served = self.plan(epoch)
+        first_row = position * self.batch_size + self.rank * self.per_rank
+        rows = served[first_row:first_row + self.per_rank]
+        segs = np.concatenate([np.arange(row_first[r], row_first[r + 1]) for r in rows])
+        lens = seg_len[segs]
+        before = np.repeat(np.cumsum(lens) - lens, lens)            # where each token's segment begins in the rows
+        pos = np.repeat(seg_start[segs], lens) + np.arange(lens.sum()) - before
+        return torch.from_numpy(pos.reshape(self.per_rank, self.row))
+
+    def __iter__(self):
+        "Yield this rank's rows of each batch, forever (epoch after epoch), from the current state."
+        while True:
+            batch = self._batch(self.epoch, self.position)
+            self.position += 1
+            if self.position == self._batches(self.epoch):
+                self.epoch, self.position = self.epoch + 1, 0
+            yield batch
+
+    def __len__(self):
+        "Batches in the current epoch. (Iteration itself never ends.)"
+        return self._batches(self.epoch)
+
+    @property
+    def batches_consumed(self) -> int:
+        "Total number of batches handed out since epoch 0, position 0."
+        return sum(self._batches(e) for e in range(self.epoch)) + self.position
+
+    def set_position(self, batches_consumed: int):
+        "Continue as if `batches_consumed` batches had already been taken."
+        k, epoch = _check_int('batches_consumed', batches_consumed, 0), 0
+        while k >= self._batches(epoch):
+            k -= self._batches(epoch)
+            epoch += 1
+        self.epoch, self.position = epoch, k
+
+    def state_dict(self) -> dict:
+        "The whole state of the stream: `{'epoch': int, 'position': int}` (plain ints)."
+        return {'epoch': self.epoch, 'position': self.position}
+
+    def load_state_dict(self, d: dict):
+        "Resume from a `state_dict`."
+        if not isinstance(d, dict) or not {'epoch', 'position'} <= d.keys():
+            raise DataError(f"sampler state must be a dict with 'epoch' and 'position', got {d!r}")
+        e = _check_int("sampler state 'epoch'", d['epoch'], 0)
+        p = _check_int("sampler state 'position'", d['position'], 0, self._batches(e) + 1)
+        self.set_position(sum(self._batches(i) for i in range(e)) + p)
+
+    def __repr__(self):
+        return (f"DocumentBatchSampler(documents={len(self.starts):,}, row={self.row}, batch_size={self.batch_size}, "
+                f"seed={self.seed}, rank={self.rank}/{self.world_size}, epoch={self.epoch}, "
+                f"position={self.position}/{len(self)})")

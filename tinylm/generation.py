@@ -78,13 +78,25 @@ def stream_uncached(self: Transformer, idx, max_new_tokens: int, temperature: fl
         self.train(was_training)
 @patch
 def generate(self: Transformer, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator=None, cache: bool = True, keep: int | None = None):
+             top_p: float | None = None, generator=None, cache: bool = True, keep: int | None = None,
+             stop: int | None = None):
     """`idx` (B, T) with `max_new_tokens` sampled tokens appended (one row per generator, if a list of them);
-    `cache=False`: by the plain loop. With `generator`, the global RNG is left untouched."""
+    `cache=False`: by the plain loop. With `generator`, the global RNG is left untouched. With `stop` (a token id,
+    such as the end-of-text token), a row ends at that token, and the rest of it repeats it; generation ends once
+    every row has."""
     rows = _check_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
     tokens = (self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, keep) if cache else
               self.stream_uncached(idx, max_new_tokens, temperature, top_k, top_p, generator))
-    return torch.cat([idx.expand(rows, -1), *tokens], dim=1)
+    out = [idx.expand(rows, -1)]
+    ended = torch.zeros(rows, 1, dtype=torch.bool, device=idx.device)
+    for nxt in tokens:
+        if stop is not None:
+            nxt = nxt.masked_fill(ended, stop)   # a row that has ended stays ended
+            ended |= nxt == stop
+        out.append(nxt)
+        if ended.all():
+            break
+    return torch.cat(out, dim=1)
 
 # %% ../nbs/06_generation.ipynb #41c0c83b
 class KVCache:

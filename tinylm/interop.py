@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import TinyLMError, TrainingConfig, brief, os_error_cause
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, EOT
 from .corpus import temp_name
 from .bpe import BPETokenizer
 from .model import Transformer, model_variant
@@ -98,10 +98,11 @@ def name_map(config) -> list[tuple[str, str | None, str]]:
     return rows
 
 # %% ../nbs/19_interop.ipynb #1dacbbfe
-def hf_config(config, vocab_size: int):
-    "The transformers config of the architecture that computes what a tinylm model of `config` computes."
+def hf_config(config, vocab_size: int, eot_id: int | None = None):
+    """The transformers config of the architecture that computes what a tinylm model of `config` computes; a model of
+    documents has its end-of-text token as both the token a text begins after and the one it ends with."""
     transformers, _ = hf_modules()
-    c, none = config, dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    c, none = config, dict(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=None)
     if architecture(c) == 'gpt2':
         return transformers.GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                        n_layer=c.n_layer, n_head=c.n_head, activation_function=HF_ACT[c.activation],
@@ -127,10 +128,10 @@ def _out(t: torch.Tensor, how: str, n_embd: int) -> torch.Tensor:
         return t[i * n_embd:(i + 1) * n_embd].clone()
     return t.clone()
 
-def to_hf(model: Transformer):
+def to_hf(model: Transformer, eot_id: int | None = None):
     "The transformers model (float32, eval mode) that computes what the tinylm `model` computes."
     transformers, _ = hf_modules()
-    cfg = hf_config(model.config, model.vocab_size)
+    cfg = hf_config(model.config, model.vocab_size, eot_id)
     with torch.random.fork_rng(devices=[]):
         hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     ours, target, new = model.state_dict(), hf.state_dict(), {}
@@ -155,10 +156,20 @@ def char_tokenizer_json(tok: Tokenizer) -> str:
     t = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(tok.chars)}, unk_token=None))
     t.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')   # every character, \n included
     t.decoder = decoders.Fuse()                                                      # joined without spaces
+    if tok.eot_id is not None:
+        t.add_special_tokens([EOT])                                                  # the id after the characters'
     return t.to_str()
 
-def _chars_of_json(text: str) -> str | None:
-    "The vocabulary of a JSON of `char_tokenizer_json`'s form (one character per id, in sorted order), else None."
+def _eot_of_json(d: dict, n: int) -> bool | None:
+    "Whether a character tokenizer's JSON `d` of `n` characters adds the end-of-text token after them (None: other)."
+    added = [(t.get('content'), t.get('id')) for t in d.get('added_tokens') or []]
+    if not added:
+        return False
+    return True if added == [(EOT, n)] else None
+
+def _chars_of_json(text: str) -> tuple[str, bool] | None:
+    """The vocabulary of a JSON of `char_tokenizer_json`'s form (one character per id, in sorted order), and whether
+    it has the end-of-text token; else None."""
     d = json.loads(text)
     m = d.get('model') or {}
     vocab = m.get('vocab')
@@ -167,15 +178,17 @@ def _chars_of_json(text: str) -> str | None:
         return None
     chars = ''.join(sorted(vocab, key=vocab.get))
     ok = all(len(c) == 1 for c in vocab) and sorted(vocab.values()) == list(range(len(vocab)))
-    return chars if ok and chars == ''.join(sorted(chars)) else None
+    eot = _eot_of_json(d, len(vocab))
+    return (chars, eot) if ok and chars == ''.join(sorted(chars)) and eot is not None else None
 
 def write_tokenizer(tok, folder: Path):
     "`tokenizer.json` (tinylm's own text) and `tokenizer_config.json`: what `AutoTokenizer.from_pretrained` reads."
     transformers, _ = hf_modules()
     from tokenizers import Tokenizer as HFTokenizer
     text = tok.json if isinstance(tok, BPETokenizer) else char_tokenizer_json(tok)
+    ends = {} if tok.eot_id is None else dict(bos_token=EOT, eos_token=EOT)   # what generation stops at
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(text),
-                                                clean_up_tokenization_spaces=False)
+                                                clean_up_tokenization_spaces=False, **ends)
     fast.save_pretrained(folder)
     (Path(folder) / 'tokenizer.json').write_text(text, encoding='utf-8')   # byte for byte: the same sha256 comes back
 
@@ -185,7 +198,7 @@ def read_tokenizer(folder: Path):
     if p.is_file():
         text = p.read_text(encoding='utf-8')
         chars = _chars_of_json(text)
-        return Tokenizer(chars) if chars else BPETokenizer(text, str(p))
+        return Tokenizer(*chars) if chars else BPETokenizer(text, str(p))
     if (p.parent / 'vocab.json').is_file() and (p.parent / 'merges.txt').is_file():   # an older GPT-2 folder
         transformers, _ = hf_modules()
         fast = transformers.AutoTokenizer.from_pretrained(p.parent, local_files_only=True)
@@ -202,12 +215,13 @@ def export(model: Transformer, tok, out_dir, overwrite: bool = False) -> Path:
         raise InteropError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InteropError(f"{out} is not empty; pick another folder, or pass --overwrite to replace it")
-    hf = to_hf(model)
+    hf = to_hf(model, tok.eot_id)
     tmp = temp_name(out)
     try:
         hf.save_pretrained(tmp)
         transformers.GenerationConfig(max_length=model.block_size, do_sample=True, temperature=0.8, top_k=None,
-                                      bos_token_id=None, eos_token_id=None, pad_token_id=None).save_pretrained(tmp)
+                                      bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
+                                      pad_token_id=None).save_pretrained(tmp)
         write_tokenizer(tok, tmp)
         if out.exists():
             shutil.rmtree(out)

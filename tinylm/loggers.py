@@ -17,9 +17,9 @@ from .device import machine_kind, describe_kind, exact_resume
 from .dials import BUDGET_HORIZON
 
 # %% auto #0
-__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_changes', 'budget_line', 'ConsoleLogger',
-           'ProgressBar', 'repair_log', 'JsonlLogger', 'LogError', 'read_log', 'tensorboard_writer_class',
-           'TensorBoardLogger']
+__all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_changes', 'budget_line', 'corpus_line',
+           'ConsoleLogger', 'ProgressBar', 'repair_log', 'JsonlLogger', 'LogError', 'read_log',
+           'tensorboard_writer_class', 'TensorBoardLogger']
 
 # %% ../nbs/14_loggers.ipynb #58d28edd
 def utc_now() -> str:
@@ -96,6 +96,13 @@ def budget_line(t, decision: dict, volatile: bool = True, decaying: bool = False
                 f"{decision['steps']}{took}")
     return None
 
+def corpus_line(facts: dict) -> str:
+    "The console's line for a corpus of documents: how many, how many validate, the empty ones, and the packing."
+    empty = f"; {facts['empty_documents']:,} empty, skipped" if facts['empty_documents'] else ''
+    kept = f" (its rows hold {facts['kept']:.1%} of the tokens; the rest is cropped)" if 'kept' in facts else ''
+    return (f"corpus: {facts['documents']:,} documents ({facts['val_documents']:,} of them for validation{empty}) | "
+            f"packing: {facts['packing']}{kept}")
+
 class ConsoleLogger(Hook):
     "Short progress lines for people, on stdout."
     order = 80
@@ -121,6 +128,8 @@ class ConsoleLogger(Hook):
         self.say(f"tinylm: {start}{run} | {t.raw_model.num_params():,} parameters | device {t.device} | "
                  f"steps {t.step + 1}..{last}")
         self.say(f"hooks: {', '.join(hook_name(h) for h in t.hooks)}")
+        if t.corpus_facts:
+            self.say(corpus_line(t.corpus_facts))
         probe = t.budget_probe or {}
         if 'rows' in probe:
             picked = "the recipe's own shape" if probe['depth'] is None else f"depth {probe['depth']}"
@@ -271,6 +280,7 @@ class JsonlLogger(Hook):
                    precision=t.precision, precision_probe=t.precision_probe, **resume_changes(t),
                    exact_resume=exact_resume(t.device, t.config.deterministic),
                    **({'budget_probe': t.budget_probe} if t.budget_probe else {}),
+                   **({'corpus': t.corpus_facts} if t.corpus_facts else {}),
                    optimizer=getattr(t.optimizer, 'impl', type(t.optimizer).__name__),
                    **getattr(t.optimizer, 'run_facts', {}),
                    **({'log_repaired': repaired} if repaired else {}))

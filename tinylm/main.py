@@ -15,8 +15,9 @@ from .config import (TrainingConfig, TinyLMError, ConfigError, load_config, read
                            bundled_recipes, brief)
 from .tokenizer import Tokenizer
 from .bpe import BPETokenizer, tokenizer_from_state
-from .corpus import prepare_corpus, show_progress, corpus_files, CorpusReader
-from .data import split_corpus, WindowDataset, make_dataloaders, DataError
+from .corpus import (prepare_corpus, show_progress, corpus_files, has_documents, CorpusReader, DocumentReader,
+                           Corpus)
+from .data import split_corpus, WindowDataset, make_dataloaders, DataError, DocumentBatchSampler
 from .model import build_model
 from .device import compile_model
 from .distributed import (DistInfo, dist_env, setup_device, cleanup_distributed, wrap_ddp, barrier, lost_peer,
@@ -32,9 +33,10 @@ from .cli import int_or, CLIParser, run_command, exit_with, say
 # %% auto #0
 __all__ = ['RESUMABLE_FIELDS', 'SHAPE_FIELDS', 'make_parser', 'cli_overrides', 'configure', 'build_config', 'resumed_config',
            'InitError', 'InitSource', 'weights_sha256', 'InitReader', 'read_init_source', 'init_config',
-           'seed_everything', 'standard_hooks', 'load_hook', 'prepare_data', 'check_fresh_out_dir', 'clear_run',
-           'check_vocabulary', 'given_tokenizer', 'prepare_run_data', 'check_same_corpus', 'new_model', 'build_trainer',
-           'RunOutcome', 'TrainSession', 'stopped_message', 'main', 'cli']
+           'seed_everything', 'standard_hooks', 'load_hook', 'RunData', 'document_facts', 'prepare_data',
+           'check_fresh_out_dir', 'clear_run', 'check_vocabulary', 'given_tokenizer', 'prepare_run_data',
+           'check_same_corpus', 'new_model', 'build_trainer', 'RunOutcome', 'TrainSession', 'stopped_message', 'main',
+           'cli']
 
 # %% ../nbs/16_main.ipynb #49c9c900
 def make_parser() -> argparse.ArgumentParser:
@@ -76,8 +78,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/16_main.ipynb #0d782b07
 # Fields that may change when resuming: they don't alter the model, the data order or the learning rates.
-RESUMABLE_FIELDS = frozenset({'max_steps', 'out_dir', 'data_path', 'log_cadence', 'eval_cadence', 'eval_batches',
-                              'sampling_cadence', 'sample_length', 'sample_seed', 'checkpoint_cadence',
+RESUMABLE_FIELDS = frozenset({'max_steps', 'out_dir', 'data_path', 'text_field', 'log_cadence', 'eval_cadence',
+                              'eval_batches', 'sampling_cadence', 'sample_length', 'sample_seed', 'checkpoint_cadence',
                               'keep_checkpoints', 'device', 'precision', 'compile', 'threads', 'progress',
                               'tensorboard', 'muon_ns_dtype', 'deterministic'})
 
@@ -245,20 +247,43 @@ def load_hook(spec: str):
         raise ConfigError(f"--hook {spec}: module {mod_name!r} has no {cls_name!r}") from None
     return cls()
 
-def prepare_data(config: TrainingConfig, tokenizer: Tokenizer | None = None, progress=None):
-    "Tokenize (or memory-map) and split the corpus; returns (tokenizer, train_ds, val_ds, sha256 of the corpus)."
+@dataclass
+class RunData:
+    """What a run trains and is scored on; it unpacks as `(tokenizer, train_ds, val_ds, sha256)`, and `facts` says what
+    a corpus of documents holds (for the run's record; None for a text)."""
+    tokenizer: Tokenizer
+    train: WindowDataset
+    val: WindowDataset
+    sha256: str
+    facts: dict | None = None
+    def __iter__(self):
+        return iter((self.tokenizer, self.train, self.val, self.sha256))
+
+def document_facts(corpus: Corpus, config: TrainingConfig) -> dict | None:
+    "How many documents a corpus holds, how many validate, how many were empty, and how they are packed."
+    if corpus.documents is None:
+        return None
+    val = int((corpus.documents >= corpus.split_at).sum())
+    return dict(documents=len(corpus.documents), val_documents=val, empty_documents=corpus.empty_documents,
+                packing=config.packing)
+
+def prepare_data(config: TrainingConfig, tokenizer: Tokenizer | None = None, progress=None) -> RunData:
+    "Tokenize (or memory-map) and split the corpus: the `RunData`, which unpacks as (tokenizer, train, val, sha256)."
     if tokenizer is None and config.tokenizer not in ('char', 'bpe'):   # the path of a tokenizer.json
         tokenizer = BPETokenizer.from_file(config.tokenizer)
     corpus = prepare_corpus(config.data_path, tokenizer, progress, kind=config.tokenizer,
-                            vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction)
-    s = corpus.split_at   # BPE: the parts were encoded apart, the split is where the validation tokens begin
+                            vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction,
+                            text_field=config.text_field)
+    s = corpus.split_at   # BPE, documents: the parts were encoded apart, the split is where validation begins
     if s is not None:
         train_ids, val_ids = corpus.ids[:s], corpus.ids[s:]
     else:
         train_ids, val_ids = split_corpus(corpus.ids, config.val_fraction)
     V = corpus.tokenizer.vocab_size
-    return (corpus.tokenizer, WindowDataset(train_ids, config.block_size, 'train', V),
-            WindowDataset(val_ids, config.block_size, 'val', V), corpus.sha256)
+    starts = None if corpus.documents is None else corpus.documents[corpus.documents < len(train_ids)]
+    train = WindowDataset(train_ids, config.block_size, 'train', V, documents=starts)
+    return RunData(corpus.tokenizer, train, WindowDataset(val_ids, config.block_size, 'val', V), corpus.sha256,
+                   document_facts(corpus, config))
 
 def check_fresh_out_dir(config: TrainingConfig, overwrite: bool = False):
     "A new run never writes over the checkpoints of an earlier run, unless `overwrite` says so."
@@ -277,9 +302,14 @@ def clear_run(out_dir):
         p.unlink(missing_ok=True)
     shutil.rmtree(out / 'tensorboard', ignore_errors=True)
 
-def check_vocabulary(data_path: str, tok: Tokenizer, source: str):
+def check_vocabulary(data_path: str, tok: Tokenizer, source: str, text_field: str = 'text'):
     "Raise `DataError` if the corpus has characters that the character vocabulary `tok` lacks, naming some of them."
-    chars = Tokenizer.train(CorpusReader(corpus_files(data_path)).chunks()).chars   # the corpus's, chunk by chunk
+    files = corpus_files(data_path)
+    if has_documents(files):
+        texts = (text for text, _, _ in DocumentReader(files, text_field).pieces(sha256=False))
+    else:
+        texts = CorpusReader(files).chunks(sha256=False)
+    chars = Tokenizer.train(texts).chars   # the corpus's, chunk by chunk
     missing = [c for c in chars if c not in tok.chars]
     if missing:
         shown = ', '.join(f"{c!r} (U+{ord(c):04X})" for c in missing[:8]) + (', ...' if len(missing) > 8 else '')
@@ -305,7 +335,7 @@ def prepare_run_data(config: TrainingConfig, given, dist: DistInfo, progress=Non
         prepared = prepare_data(config, given, progress)
     except DataError:
         if init is not None and isinstance(given, Tokenizer):
-            check_vocabulary(config.data_path, given, init.path)
+            check_vocabulary(config.data_path, given, init.path, config.text_field)
         raise
     if first_here:
         barrier()
@@ -340,22 +370,26 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     hooks = standard_hooks(config, main_rank=dist.is_main) if hooks is None else hooks
     if ckpt is None:
         check_fresh_out_dir(config, overwrite)
-    tok, train_ds, val_ds, sha = prepare_run_data(config, given_tokenizer(ckpt, init), dist, progress, init)
+    data = prepare_run_data(config, given_tokenizer(ckpt, init), dist, progress, init)
+    tok, train_ds, val_ds, sha = data
     if ckpt is not None:
         check_same_corpus(config, ckpt, sha, allow_data_change)
     train_dl, val_dl = make_dataloaders(train_ds, val_ds, config, rank=dist.rank, world_size=dist.world_size,
                                         pin_memory=device.type == 'cuda')
+    if isinstance(train_dl.batch_sampler, DocumentBatchSampler):
+        data.facts['kept'] = round(train_dl.batch_sampler.kept, 4)   # the share of tokens the first epoch's rows hold
     def wrap(model):   # torch.compile, then DDP; checkpoints always hold the plain module underneath
         return wrap_ddp(compile_model(model, device) if config.compile else model, dist, device)
     ranks = dict(rank=dist.rank, world_size=dist.world_size)
     if ckpt is not None:
         trainer = Trainer.from_checkpoint(ckpt, val_dl, train_dl, hooks, config=config, device=device, wrap=wrap,
-                                          data_sha256=sha, **ranks)
+                                          data_sha256=sha, corpus_facts=data.facts, **ranks)
         return trainer, train_dl
     model = new_model(config, tok.vocab_size, init).to(device)
     optimizer = create_optimizer(model, config)
     trainer = Trainer(wrap(model), optimizer, config, val_dl, tok, hooks, device=device, data_sha256=sha,
-                      init_from=None if init is None else init.record(), budget_probe=probe, **ranks)
+                      init_from=None if init is None else init.record(), budget_probe=probe,
+                      corpus_facts=data.facts, **ranks)
     return trainer, train_dl
 
 # %% ../nbs/16_main.ipynb #17602fdf

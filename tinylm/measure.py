@@ -25,8 +25,8 @@ from .main import build_trainer
 # %% auto #0
 __all__ = ['PHASES', 'CROSSOVER_WIDTHS', 'sync', 'stats', 'Stopwatch', 'matmul_ceiling', 'setup', 'run_steps', 'time_training',
            'step_breakdown', 'peak_memory', 'big_corpus', 'tokenizer_throughput', 'checkpoint_times', 'resume_times',
-           'train_command', 'startup_time', 'train_log', 'write_corpus', 'prepare_times', 'vector_flags',
-           'machine_info', 'newton_schulz_times', 'precision_crossover']
+           'train_command', 'startup_time', 'train_log', 'write_corpus', 'write_documents', 'prepare_times',
+           'vector_flags', 'machine_info', 'newton_schulz_times', 'precision_crossover']
 
 # %% ../nbs/21_measure.ipynb #f03e32dd
 def sync(device) -> None:
@@ -284,16 +284,36 @@ def write_corpus(path, mb: float, text: str | None = None) -> Path:
             n -= len(piece)
     return atomic_write(path, write)
 
-_PREPARE = ("import json, sys, time; from tinylm.corpus import prepare_corpus; from tinylm.loggers import peak_rss_mb\n"
-            "t0 = time.perf_counter()\n"
-            "a = sys.argv\n"
-            "c = prepare_corpus(a[1], kind=a[2], vocab_size=int(a[3]), val_fraction=float(a[4]))\n"
-            "print(json.dumps({'seconds': time.perf_counter() - t0, 'peak_rss_mb': peak_rss_mb(), 'tokens': len(c)}))")
+def write_documents(path, mb: float, text: str | None = None) -> Path:
+    "Write the paragraphs of `text` (default: the bundled corpus) as JSON Lines records, over and over, to `mb` MB."
+    if not mb > 0:
+        raise ValueError(f"corpus size must be > 0 MB, got {mb}")
+    paragraphs = [p.strip() for p in (text or load_text()).split('\n\n') if p.strip()]
+    piece = ''.join(json.dumps({'text': p}) + '\n' for p in paragraphs).encode('utf-8')
+    whole, rest = divmod(int(mb * 1e6), len(piece))
+    tail = piece[:piece.rfind(b'\n', 0, rest) + 1]   # whole records only
+    def write(f):
+        for _ in range(whole):
+            f.write(piece)
+        f.write(tail)
+    return atomic_write(path, write)
 
-def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 3600) -> dict:
-    "Preparing a generated `mb` MB corpus with `config`'s tokenizer (MB/s, peak RSS); a run's and a resume's start."
+_PREPARE = ("import json, sys, time; from tinylm.corpus import prepare_corpus; from tinylm.loggers import peak_rss_mb\n"
+            "t0, phases = time.perf_counter(), {}\n"
+            "def progress(what, total):\n"
+            "    phases[what.split()[0]] = time.perf_counter() - t0\n"
+            "    return lambda done: None\n"
+            "a = sys.argv\n"
+            "c = prepare_corpus(a[1], progress=progress, kind=a[2], vocab_size=int(a[3]), val_fraction=float(a[4]))\n"
+            "docs = None if c.documents is None else len(c.documents)\n"
+            "print(json.dumps({'seconds': time.perf_counter() - t0, 'peak_rss_mb': peak_rss_mb(), 'tokens': len(c),\n"
+            "                  'phases': phases, 'documents': docs}))")
+
+def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 3600, documents: bool = True) -> dict:
+    """Preparing a generated `mb` MB corpus (JSON Lines documents, or one text) with `config`'s tokenizer: MB/s, the
+    seconds each pass began at, peak RSS; then a run's and a resume's start on it."""
     folder = Path(folder)
-    corpus = write_corpus(folder / 'big.txt', mb)
+    corpus = write_documents(folder / 'big.jsonl', mb) if documents else write_corpus(folder / 'big.txt', mb)
     env = {**os.environ, 'TINYLM_CACHE_DIR': str(folder / 'cache')}
     kind = config.tokenizer if config.tokenizer in ('char', 'bpe') else 'char'
     args = [str(corpus), kind, str(config.bpe_vocab_size), str(config.val_fraction)]
@@ -304,9 +324,9 @@ def prepare_times(config: TrainingConfig, mb: float, folder, timeout: float = 36
     _run([*train_command(), '--resume', str(folder / 'run'), '--max-steps', '2'], 'resuming', timeout=timeout, env=env)
     step2 = next(x for x in read_log(folder / 'run') if x['event'] == 'step' and x['step'] == 2)
     disk = sum(f.stat().st_size for f in (folder / 'cache').rglob('*') if f.is_file())
-    return dict(mb=mb, prepare_s=prep['seconds'], prepare_mb_s=mb / prep['seconds'],
-                prepare_peak_rss_mb=prep['peak_rss_mb'],
-                tokens=prep['tokens'], disk_mb=disk / 1e6,
+    return dict(mb=mb, format='jsonl' if documents else 'txt', prepare_s=prep['seconds'],
+                prepare_mb_s=mb / prep['seconds'], prepare_peak_rss_mb=prep['peak_rss_mb'], phases=prep['phases'],
+                documents=prep['documents'], tokens=prep['tokens'], disk_mb=disk / 1e6,
                 to_first_step_s=run['to_first_step_s'], run_peak_rss_mb=run['peak_rss_mb'],
                 resume_to_step_s=_when(step2) - t0)
 

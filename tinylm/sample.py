@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .config import TinyLMError
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import Tokenizer, TokenizerError, EOT
 from .bpe import StreamDecoder
 from .model import Transformer
 from .generation import check_sampling_args
@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .cli import CLIParser, command
 
 # %% auto #0
-__all__ = ['SEPARATOR', 'main', 'cli', 'SampleError', 'load_model', 'check_request', 'stream_tokens', 'encode_prompt',
+__all__ = ['SEPARATOR', 'BOUNDARY', 'main', 'cli', 'SampleError', 'load_model', 'check_request', 'stream_tokens', 'encode_prompt',
            'write_samples', 'make_parser', 'read_prompt', 'run']
 
 # %% ../nbs/17_sample.ipynb #e57bef12
@@ -58,21 +58,27 @@ def stream_tokens(model: Transformer, idx, max_new_tokens: int, temperature: flo
 SEPARATOR = '-' * 15
 
 def encode_prompt(tok: Tokenizer, prompt: str) -> torch.Tensor:
-    "The prompt's token ids (1-D long tensor); an empty prompt or an unknown character raises `SampleError`."
-    if prompt == '':
-        raise SampleError("the prompt is empty: give at least one character (the default prompt is a newline)")
+    """The ids generation starts from (1-D long tensor): after the end-of-text token if the model has one. An empty
+    prompt without that token, or an unknown character, raises `SampleError`."""
+    if prompt == '' and tok.eot_id is None:
+        raise SampleError("the prompt is empty, and this model has no end-of-text token to start a document with: give "
+                          "at least one character (the default prompt is a newline)")
     try:
-        ids = tok.encode(prompt)
+        ids = tok.prompt_ids(prompt)
     except TokenizerError as e:
         raise SampleError(f"the prompt cannot be encoded: {e}; a character model only knows the characters of the text "
                           "it was trained on") from None
     return torch.from_numpy(np.asarray(ids, dtype=np.int64))
 
+BOUNDARY = f"\n{EOT}\n"   # how `--no-stop` shows where one generated document ends and the next begins
+
 def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_tokens: int = 500,
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                  num_samples: int = 1, seed: int = 1337, out=None, keep: int | None = None) -> list[str]:
+                  num_samples: int = 1, seed: int = 1337, out=None, keep: int | None = None,
+                  stop: bool = True) -> list[str]:
     """Write `num_samples` continuations of `prompt` to `out` (default stdout), the first streamed character by
-    character. The samples decode together after one prefill; sample i draws from a generator seeded `seed + i`."""
+    character. The samples decode together after one prefill; sample i draws from a generator seeded `seed + i`.
+    A sample ends at the end-of-text token, unless `stop` is False."""
     check_request(max_new_tokens, temperature, top_k, top_p, num_samples)
     out = sys.stdout if out is None else out
     ids = encode_prompt(tok, prompt)
@@ -80,14 +86,23 @@ def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_token
     gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
     decoders = [StreamDecoder(tok) for _ in gens]   # each holds back a character whose bytes are not all there yet
     pieces = [[] for _ in gens]
+    ended = [False for _ in gens]
     out.write(prompt)
     out.flush()
     for step in model.stream(ids[None].to(device), max_new_tokens, temperature, top_k, top_p, gens, keep):
-        for d, p, t in zip(decoders, pieces, step[:, 0].tolist()):
-            p.append(d.step(t))
+        for i, (d, p, t) in enumerate(zip(decoders, pieces, step[:, 0].tolist())):
+            if ended[i]:
+                p.append('')
+            elif t == tok.eot_id:
+                ended[i] = stop
+                p.append(d.flush() + ('' if stop else BOUNDARY))
+            else:
+                p.append(d.step(t))
         if pieces[0][-1]:
             out.write(pieces[0][-1])
             out.flush()
+        if all(ended):
+            break
     for d, p in zip(decoders, pieces):
         p.append(d.flush())
     out.write(pieces[0][-1] + '\n')
@@ -106,7 +121,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--checkpoint', required=True, metavar='PATH',
                    help='checkpoint file, a checkpoints/ folder or a run out_dir (its latest checkpoint)')
     src = p.add_mutually_exclusive_group()
-    src.add_argument('--prompt', metavar='TEXT', help='text to continue (default: a newline)')
+    src.add_argument('--prompt', metavar='TEXT',
+                     help='text to continue (default: a document\'s start for a model of documents, "" asks for it; '
+                          'else a newline)')
     src.add_argument('--prompt-file', '--prompt_file', dest='prompt_file', metavar='PATH',
                      help='read the prompt from a UTF-8 file, as it is')
     p.add_argument('--max-new-tokens', '--max_new_tokens', dest='max_new_tokens', type=int, default=500, metavar='N',
@@ -124,6 +141,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--keep-context', '--keep_context', dest='keep', type=int, default=None, metavar='N',
                    help="beyond the model's context, continue from its last N tokens (default: all of the context, "
                         "as the plain loop does; fewer is faster, and the text then differs from the plain loop's)")
+    p.add_argument('--no-stop', '--no_stop', dest='stop', action='store_false',
+                   help=f'write on past the end-of-text token (shown as {EOT}) instead of ending the sample there')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps (default: auto)')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='weights for generation: bfloat16 reads half the bytes per token, faster where bfloat16 is '
@@ -159,7 +178,7 @@ def run(args) -> int:
         raise SampleError(f"--keep-context must be between 1 and the model's context ({model.block_size}), "
                           f"got {args.keep}")
     write_samples(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                  args.num_samples, args.seed, keep=args.keep)
+                  args.num_samples, args.seed, keep=args.keep, stop=args.stop)
     return 0
 
 def _end_line():

@@ -14,29 +14,35 @@ from fastcore.basics import patch
 from .config import TinyLMError
 
 # %% auto #0
-__all__ = ['TokenizerError', 'Tokenizer']
+__all__ = ['EOT', 'TokenizerError', 'Tokenizer']
 
 # %% ../nbs/01_tokenizer.ipynb #387885ae
 class TokenizerError(TinyLMError, ValueError):
     "Text or ids that the tokenizer cannot handle, or an invalid vocabulary or saved tokenizer state."
 
 # %% ../nbs/01_tokenizer.ipynb #399dcb65
+EOT = '<|endoftext|>'   # the end-of-text token's name: between documents, and where a generated text stops
+
 class _TokenizerBase:
     "What every tokenizer shares: its fingerprint, equality and (below) its saved state; a kind defines the rest."
     kind: str = ''           # the kind its saved state names: 'char' or 'bpe'
     holds_out: bool = False  # trained on a corpus's training part only, which is encoded apart (chapter 3)
     _state_key: str = ''     # where its saved state keeps `to_str()`
+    eot_id: int | None = None   # the id of the end-of-text token, or None: a tokenizer for one unbroken text
 
+    def _identity(self) -> str:
+        "Everything that tells this tokenizer from another, as one str: `to_str()` unless a kind holds more."
+        return self.to_str()
     @cached_property
     def sha256(self) -> str:
-        "Hex SHA-256 of `to_str()` (UTF-8): the fingerprint of the vocabulary."
-        return hashlib.sha256(self.to_str().encode('utf-8')).hexdigest()
+        "Hex SHA-256 of the tokenizer's identity (UTF-8): `to_str()`, the fingerprint of the vocabulary."
+        return hashlib.sha256(self._identity().encode('utf-8')).hexdigest()
     def __len__(self):
         return self.vocab_size
     def __eq__(self, other):
         if not isinstance(other, _TokenizerBase):
             return NotImplemented
-        return self.kind == other.kind and self.to_str() == other.to_str()
+        return self.kind == other.kind and self._identity() == other._identity()
     def __hash__(self):
         return hash(self.sha256)
 
@@ -65,9 +71,10 @@ def _describe(c: str) -> str:
 
 # %% ../nbs/01_tokenizer.ipynb #82f50d20
 class Tokenizer(_TokenizerBase):
-    "Character-level tokenizer: the id of a character is its index in the sorted, unique string `chars`."
+    """Character-level tokenizer: the id of a character is its index in the sorted, unique string `chars`; with `eot`,
+    one more id, after them, is the end-of-text token."""
     kind, _state_key = 'char', 'chars'
-    def __init__(self, chars: str):
+    def __init__(self, chars: str, eot: bool = False):
         if not isinstance(chars, str):
             raise TokenizerError(f"the vocabulary must be a str of characters, got {type(chars).__name__}")
         if not chars:
@@ -85,7 +92,8 @@ class Tokenizer(_TokenizerBase):
         self._chars = chars
         self._cps = _codepoints(chars)   # id -> code point (uint32), used by decode
         n = len(chars)
-        self.dtype = _id_dtype(n)
+        self.eot_id = n if eot else None   # the id after the characters': no character's id moves
+        self.dtype = _id_dtype(self.vocab_size)
         # code point -> id, -1 = not in the vocabulary; the last slot is the sentinel for everything larger
         self._table = np.full(int(self._cps.max()) + 2, -1, dtype=np.int32)
         self._table[self._cps] = np.arange(n, dtype=np.int32)
@@ -98,8 +106,9 @@ class Tokenizer(_TokenizerBase):
         self._ascii_map = bytes(np.maximum(self._ascii, 0).tolist()) + bytes(128)
 
     @classmethod
-    def train(cls, pieces, vocab_size: int | None = None) -> Tokenizer:
-        "The tokenizer of the characters of `pieces` (texts, or one text); its size is theirs: `vocab_size` is ignored."
+    def train(cls, pieces, vocab_size: int | None = None, eot: bool = False) -> Tokenizer:
+        """The tokenizer of the characters of `pieces` (texts, or one text), and an end-of-text token if `eot`; its size
+        is theirs: `vocab_size` is ignored."""
         chars = ''
         for piece in [pieces] if isinstance(pieces, str) else pieces:
             if not isinstance(piece, str):
@@ -107,7 +116,7 @@ class Tokenizer(_TokenizerBase):
             chars = cls.chars_of(piece, chars)
         if not chars:
             raise TokenizerError("cannot build a vocabulary from empty text")
-        return cls(chars)
+        return cls(chars, eot)
 
     @classmethod
     def from_text(cls, text: str) -> Tokenizer:
@@ -134,17 +143,22 @@ class Tokenizer(_TokenizerBase):
         return self._chars
     @property
     def vocab_size(self) -> int:
-        return len(self._chars)
+        return len(self._chars) + (self.eot_id is not None)
     def to_str(self) -> str:
         return self._chars
+    def _identity(self) -> str:
+        # a sorted vocabulary never holds '\x00' after other characters: no other tokenizer has this identity
+        return self._chars if self.eot_id is None else f"{self._chars}\x00{EOT}"
     @cached_property
     def token_bytes(self) -> list[bytes]:
-        return [c.encode('utf-8') for c in self._chars]
+        "The UTF-8 bytes of each id's text: the end-of-text token stands for none."
+        return [c.encode('utf-8') for c in self._chars] + ([b''] if self.eot_id is not None else [])
     def safe_cut(self, text: str) -> int:
         "Where `text` can be cut and its parts encoded apart with the ids of the whole: anywhere, one id per character."
         return len(text)
     def __repr__(self):
-        return f"Tokenizer(vocab_size={self.vocab_size})"
+        eot = f", eot_id={self.eot_id}" if self.eot_id is not None else ''
+        return f"Tokenizer(vocab_size={self.vocab_size}{eot})"
 
 # %% ../nbs/01_tokenizer.ipynb #3cadb917
 @patch
@@ -197,21 +211,30 @@ def _as_ids(ids, vocab_size: int | None = None, unit: str = 'tokens') -> np.ndar
 
 @patch
 def decode(self: Tokenizer, ids) -> str:
-    "The text of `ids` (list/tuple of ints, numpy array or 1-D torch tensor)."
+    "The text of `ids` (list/tuple of ints, numpy array or 1-D torch tensor); the end-of-text token has none."
     arr = _as_ids(ids, self.vocab_size, 'characters')
+    if self.eot_id is not None:
+        arr = arr[arr != self.eot_id]
     return self._cps[arr].tobytes().decode('utf-32-le')
 
 # %% ../nbs/01_tokenizer.ipynb #ecea14f1
 @patch(as_prop=True)
 def default_prompt(self: Tokenizer) -> str:
-    "The prompt of a sample nobody gave one: a newline if the vocabulary has it, else its first character."
+    "The prompt of a sample nobody gave one: a document's start (''), else a newline, else the first character."
+    if self.eot_id is not None:
+        return ''
     return '\n' if '\n' in self.chars else self.chars[0]
 
 # %% ../nbs/01_tokenizer.ipynb #70c2899d
 @patch
+def _state_extra(self: _TokenizerBase) -> dict:
+    "What a kind's saved state holds beside `to_str()`: for characters with an end-of-text token, the token."
+    return {'version': 2, 'eot': EOT} if self.kind == 'char' and self.eot_id is not None else {}
+
+@patch
 def state_dict(self: _TokenizerBase) -> dict:
     "The tokenizer as plain data: `{'kind': 'char', 'version': 1, 'chars': ...}` for characters."
-    return {'kind': self.kind, 'version': 1, self._state_key: self.to_str()}
+    return {'kind': self.kind, 'version': 1, self._state_key: self.to_str(), **self._state_extra()}
 
 @patch(cls_method=True)
 def from_state_dict(cls: _TokenizerBase, d):
@@ -220,9 +243,55 @@ def from_state_dict(cls: _TokenizerBase, d):
         raise TokenizerError(f"tokenizer state must be a dict, got {type(d).__name__}")
     if d.get('kind') != cls.kind:
         raise TokenizerError(f"tokenizer state has kind {d.get('kind')!r}, expected {cls.kind!r} (a {cls.__name__})")
-    if d.get('version', 1) != 1:
-        raise TokenizerError(f"tokenizer state has version {d.get('version')!r}; this tinylm reads version 1 only")
+    version = d.get('version', 1)
+    if version not in (1, 2) or (version == 2) != ('eot' in d):
+        raise TokenizerError(f"tokenizer state has version {version!r}; this tinylm reads version 1, and version 2 "
+                             "with an end-of-text token")
+    if d.get('eot', EOT) != EOT:
+        raise TokenizerError(f"tokenizer state names the end-of-text token {d['eot']!r}; tinylm's is {EOT!r}")
     key = cls._state_key
     if key not in d:
         raise TokenizerError(f"tokenizer state is missing {key!r} (the vocabulary)")
+    if 'eot' in d:
+        return cls(d[key], eot=True)
     return cls(d[key])
+
+# %% ../nbs/01_tokenizer.ipynb #fe0432b1
+@patch
+def prompt_ids(self: _TokenizerBase, text: str) -> np.ndarray:
+    "The ids generation starts from: `text`'s, after the end-of-text token if there is one (a document's start)."
+    ids = self.encode(text)
+    if self.eot_id is None:
+        return ids
+    return np.concatenate([np.array([self.eot_id], dtype=self.dtype), ids])
+
+@patch
+def encode_many(self: Tokenizer, texts: list[str], offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of `texts`, one after the other, and how many belong to each: documents come many at a time, and one
+    call encodes them all (one id per character, so the joined text's ids are the texts' ids, joined)."""
+    lengths = [len(text) if isinstance(text, str) else -1 for text in texts]
+    if -1 in lengths:
+        bad = texts[lengths.index(-1)]
+        raise TokenizerError(f"can only encode a str, got {type(bad).__name__}")
+    return self.encode(''.join(texts), offset), np.array(lengths, dtype=np.int64)
+
+@patch
+def encode_batch(self: _TokenizerBase, texts: list[str], offset: int = 0) -> list[np.ndarray]:
+    "The ids of each of `texts`, apart (from `encode_many`)."
+    ids, lengths = self.encode_many(texts, offset)
+    return np.split(ids, np.cumsum(lengths[:-1])) if len(texts) else []
+
+@patch
+def encode_runs(self: _TokenizerBase, runs, processes: int = 1):
+    """Yield `(ids, lengths, tag)` for each `(texts, tag)` of `runs`, in order: `encode_many` run by run. (A kind may
+    spread the runs over `processes` processes: chapter 2's BPE does.)"""
+    for texts, tag in runs:
+        yield (*_encoded(self.encode_many, texts, tag), tag)
+
+def _encoded(encode_many, texts: list[str], tag):
+    "`encode_many(texts)`; a `TokenizerError` carries the run it failed on (`.run`), for the caller to locate."
+    try:
+        return encode_many(texts)
+    except TokenizerError as e:
+        e.run = (texts, tag)
+        raise

@@ -43,7 +43,7 @@ class Trainer:
     "Runs optimizer steps on `model` and calls `hooks` around them; saves and restores complete checkpoints."
     def __init__(self, model, optimizer, config: TrainingConfig, val_dataloader=None, tokenizer: Tokenizer = None,
                  hooks=None, device=None, rank: int = 0, world_size: int = 1, data_sha256: str | None = None,
-                 init_from: dict | None = None, budget_probe: dict | None = None):
+                 init_from: dict | None = None, budget_probe: dict | None = None, corpus_facts: dict | None = None):
         # what it trains, and with what
         self.model = model                      # the module it steps (wrapped by torch.compile or DDP, or not)
         self.optimizer = optimizer
@@ -90,6 +90,7 @@ class Trainer:
         self.last_sample_step = None
         # where the run comes from, and where it is kept
         self.data_sha256 = data_sha256          # the corpus's fingerprint
+        self.corpus_facts = corpus_facts        # documents: how many, validating, empty; the packing
         self.init_from = init_from              # the weights a new run started from (`--init-from`)
         self.last_checkpoint = None             # the newest complete checkpoint of the run
         # what a resume restored
@@ -279,16 +280,17 @@ def evaluate(self: Trainer, n_batches: int | None = None) -> float:
 @torch.no_grad()
 def sample(self: Trainer, length: int | None = None, prompt: str | None = None, seed: int | None = None,
            temperature: float = 1.0, top_k: int | None = None) -> str:
-    "Generate `length` tokens after `prompt` (default: a newline) with a generator seeded by `seed`; their text."
+    """Generate up to `length` tokens after `prompt` (default: the tokenizer's) with a generator seeded by `seed`; their
+    text. A tokenizer with an end-of-text token starts at a document's start and stops at the document's end."""
     length = self.config.sample_length if length is None else length
     seed = self.config.sample_seed if seed is None else seed
     tok = self.tokenizer
     if prompt is None:
         prompt = tok.default_prompt
-    idx = torch.tensor(np.asarray(tok.encode(prompt), dtype=np.int64), device=self.device)[None]
+    idx = torch.tensor(np.asarray(tok.prompt_ids(prompt), dtype=np.int64), device=self.device)[None]
     g = torch.Generator(device=self.device).manual_seed(seed)
     with fork_rng(self.device):
-        out = self.raw_model.generate(idx, length, temperature=temperature, top_k=top_k, generator=g)
+        out = self.raw_model.generate(idx, length, temperature=temperature, top_k=top_k, generator=g, stop=tok.eot_id)
     self.last_sample = tok.decode(out[0, idx.shape[1]:].tolist())
     self.last_sample_step = self.step
     self.fire('after_sample')
@@ -424,9 +426,10 @@ def save_checkpoint(self: Trainer, path, tokenizer: Tokenizer | None = None, rng
 @patch(cls_method=True)
 def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=None, hooks=None,
                     config: TrainingConfig | None = None, device=None, rank: int = 0, world_size: int = 1, wrap=None,
-                    data_sha256: str | None = None):
+                    data_sha256: str | None = None, corpus_facts: dict | None = None):
     """Rebuild a Trainer from a checkpoint file (or loaded checkpoint); a `train_dataloader` goes to the saved position.
-    `data_sha256`: the fingerprint of the corpus it continues on, if not the checkpoint's."""
+    `data_sha256`: the fingerprint of the corpus it continues on, if not the checkpoint's;
+    `corpus_facts`: what that corpus is (documents, validation, packing)."""
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)
     check_resumable(ckpt)
     where = ckpt.get('path', str(path))
@@ -441,7 +444,8 @@ def from_checkpoint(cls: Trainer, path, val_dataloader=None, train_dataloader=No
     if wrap is not None:
         model = wrap(model)
     trainer = cls(model, optimizer, config, val_dataloader, tok, hooks, device=device, rank=rank, world_size=world_size,
-                  data_sha256=data_sha256 or ckpt.get('data_sha256'), init_from=ckpt.get('init_from'))
+                  data_sha256=data_sha256 or ckpt.get('data_sha256'), init_from=ckpt.get('init_from'),
+                  corpus_facts=corpus_facts)
     trainer._restore(ckpt, where)
     if train_dataloader is not None:
         trainer._place_loader(train_dataloader)
@@ -490,7 +494,7 @@ class Sampler(Hook):
         if not t.config.sample_length or t.tokenizer is None:
             return
         p = t.tokenizer.default_prompt
-        ids = t.tokenizer.encode(p)
+        ids = t.tokenizer.prompt_ids(p)
         if len(ids) == 0:
             raise TinyLMError(f"the tokenizer encodes the sampling prompt {p!r} to no tokens, so no sample could "
                               "start: use a tokenizer that covers it, or turn sampling off with --set sample_length=0")
