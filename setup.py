@@ -24,7 +24,7 @@ min_python = cfg['min_python']
 requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
 extras = {'dev': dev_requirements}
-for key in ('tensorboard_requirements', 'hf_requirements', 'formats_requirements'):
+for key in ('tensorboard_requirements', 'hf_requirements', 'formats_requirements', 'eval_requirements'):
     if cfg.get(key): extras[key.split('_')[0]] = cfg[key].split()
 package_data = cfg.get('package_data', '').split()
 console_scripts = cfg.get('console_scripts', '').split()

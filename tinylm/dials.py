@@ -138,15 +138,22 @@ class TimeBudget(Hook):
     def _aim_decay(self, t, decision: dict, end: int, per_step: float):
         "The decay: where the end moved, a straight line from this step's rate to the floor at the new end."
         c = t.config
-        if end == c.lr_decay_steps:
+        if end == c.max_steps:
             return
         record = self._record(t, 'decay', per_step, end, decision['cap'], decision['clock_every'])
         now, floor, peak = lr_at(t.step, c), c.min_lr, c.learning_rate
         if end <= t.step or now <= floor:
             t.set_schedule(record, max_steps=max(end, t.step))   # at the floor already, or no time left
             return
-        start = round(end - (end - t.step) * (peak - floor) / (now - floor))   # where that line is at the peak
-        t.set_schedule(record, max_steps=end, lr_decay_steps=end, decay_fraction=(end - start) / end)
+        # the line from this step's rate to the floor at `end` leaves the peak `slope` times further back; one that
+        # would leave it before the warm-up ended (steps much faster late in the decay) cannot be drawn: the decay
+        # ends where a line from this rate reaches, and the run goes on at the floor (the branch above) to its end
+        slope = (peak - floor) / (now - floor)
+        floor_at = end
+        if slope > 1:
+            floor_at = min(end, int((t.step * slope - c.warmup_steps) // (slope - 1)))
+        start = round(floor_at - (floor_at - t.step) * slope)   # where that line is at the peak
+        t.set_schedule(record, max_steps=end, lr_decay_steps=floor_at, decay_fraction=(floor_at - start) / floor_at)
 
 # %% ../nbs/13_dials.ipynb #e1697e7c
 LAW_FILE = RECIPES_DIR / 'scaling_law.json'   # the fit of the scaling chapter (23): best size for a compute budget
