@@ -15,8 +15,8 @@ from .cli import CLIParser, command
 from .sample import load_model
 
 # %% auto #0
-__all__ = ['TASKS', 'main', 'cli', 'make_parser', 'progress_bar', 'read_text_file', 'load_task', 'check_args', 'score_task',
-           'run']
+__all__ = ['TASKS', 'main', 'cli', 'make_parser', 'progress_bar', 'read_text_file', 'load_task', 'check_args', 'windows_note',
+           'score_task', 'run']
 
 # %% ../nbs/17a_eval.ipynb #9ab006e4
 TASKS = ('blimp', 'choice', 'bpb')
@@ -73,6 +73,8 @@ def read_text_file(path) -> str:
         text = path.read_text(encoding='utf-8')
     except UnicodeDecodeError as e:
         raise TaskError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise TaskError(f"cannot read {path}: {e.strerror or e}") from None
     if not text:
         raise TaskError(f"{path} is empty: there is nothing to score")
     return text
@@ -89,12 +91,23 @@ def check_args(args):
     "Refuse a bad `--limit`, `--batch-tokens` or `--json` before any work."
     if args.limit is not None and args.limit < 1:
         raise TaskError(f"--limit must be at least 1, got {args.limit}")
+    if args.limit is not None and args.task == 'bpb':
+        raise TaskError("--limit counts pairs or questions; --task bpb scores the whole text (leave --limit out)")
     if args.batch_tokens < 1:
         raise TaskError(f"--batch-tokens must be at least 1, got {args.batch_tokens}")
     if args.json is not None and not Path(args.json).expanduser().resolve().parent.is_dir():
         raise TaskError(f"--json: the folder of {args.json} does not exist")
+    if args.json is not None and Path(args.json).expanduser().is_dir():
+        raise TaskError(f"--json: {args.json} is a folder; give the name of the file to write")
 
 # %% ../nbs/17a_eval.ipynb #2fbfa092
+def windows_note(n: int, what: str) -> str:
+    "A line under the report when `n` texts were longer than the model's context."
+    if not n:
+        return ''
+    return (f"\nnote: {n:,} {what} longer than the model's context were scored in overlapping windows (lm-eval refuses "
+            "such texts, so these scores are tinylm's own)")
+
 def score_task(task: str, model, tok, data, batch_tokens: int, progress=None) -> tuple[dict, str]:
     "The task's results and its report."
     if task == 'blimp':
@@ -102,12 +115,14 @@ def score_task(task: str, model, tok, data, batch_tokens: int, progress=None) ->
         results = score_blimp(model, tok, paradigms, batch_tokens, progress)
         summary = blimp_summary(results, references)
         pairs = sum(len(p.pairs) for p in paradigms)
+        long = sum(r['windowed'] for r in results.values())
         head = f"BLiMP: {len(paradigms)} paradigm{'s' if len(paradigms) != 1 else ''}, {pairs:,} pairs"
-        return dict(paradigms=results, **summary), head + '\n' + blimp_table(summary)
+        report = head + '\n' + blimp_table(summary) + windows_note(long, 'sentences')
+        return dict(paradigms=results, windowed=long, **summary), report
     if task == 'choice':
         r = score_choices(model, tok, data, batch_tokens, progress)
-        return r, f"multiple choice: {r['questions']:,} questions, acc {100 * r['acc']:.1f}%, " \
-                  f"acc_norm {100 * r['acc_norm']:.1f}%"
+        return r, (f"multiple choice: {r['questions']:,} questions, acc {100 * r['acc']:.1f}%, "
+                   f"acc_norm {100 * r['acc_norm']:.1f}%" + windows_note(r['windowed'], 'choices'))
     r = text_bpb(model, tok, data, batch_tokens, progress)
     return r, f"bits per byte: {r['bpb']:.4f} ({r['bytes']:,} bytes, {r['tokens']:,} tokens predicted)"
 
@@ -117,7 +132,7 @@ def run(args) -> int:
     model, tok, ckpt = load_model(args.checkpoint, args.device)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    results, report = score_task(args.task, model, tok, data, args.batch_tokens, progress_bar(f"{args.task}"))
+    results, report = score_task(args.task, model, tok, data, args.batch_tokens, progress_bar(args.task))
     seconds = time.perf_counter() - started
     print(f"{report}\n(checkpoint {ckpt['path']}, step {ckpt['step']})")
     if args.json is not None:

@@ -5,7 +5,7 @@
 # %% ../nbs/13a_tasks.ipynb #a741ac89
 from __future__ import annotations
 import json, math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,9 @@ from .config import TinyLMError
 from .tokenizer import TokenizerError
 
 # %% auto #0
-__all__ = ['BLIMP_FIELDS', 'SUMMARY', 'REFERENCES', 'DELIMITER', 'CHOICE_FIELDS', 'TaskError', 'encode_pair', 'windows',
-           'loglikelihoods', 'read_records', 'Paradigm', 'blimp_files', 'load_blimp', 'score_blimp', 'blimp_summary',
-           'blimp_table', 'load_choices', 'score_choices', 'text_bpb']
+__all__ = ['BLIMP_FIELDS', 'SUMMARY', 'REFERENCES', 'DELIMITER', 'CHOICE_FIELDS', 'TaskError', 'require_eot', 'encode_pair',
+           'windows', 'windowed', 'loglikelihoods', 'read_records', 'Paradigm', 'blimp_files', 'load_blimp',
+           'cannot_encode', 'score_blimp', 'blimp_summary', 'blimp_table', 'load_choices', 'score_choices', 'text_bpb']
 
 # %% ../nbs/13a_tasks.ipynb #4eea23c9
 class TaskError(TinyLMError, ValueError):
@@ -28,14 +28,18 @@ def _ids(tok, text: str) -> list[int]:
     "The ids of `text` as a list of ints."
     return [int(i) for i in tok.encode(text)]
 
+def require_eot(tok):
+    "Refuse a tokenizer without the end-of-text token, which a text with an empty context starts from."
+    if tok.eot_id is None:
+        raise TaskError("this model has no end-of-text token, so the first token of a text has nothing to be "
+                        "predicted from: score texts with a context, or use a model trained on documents "
+                        "(chapter 3), whose tokenizer has <|endoftext|>")
+
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """The ids of `context` and of `continuation` after it, split as lm-eval splits them: the whole text encoded once,
     the context's trailing spaces moved to the continuation; an empty context is the end-of-text token."""
     if context == '':
-        if tok.eot_id is None:
-            raise TaskError("this model has no end-of-text token, so the first token of a text has nothing to be "
-                            "predicted from: score texts with a context, or use a model trained on documents "
-                            "(chapter 3), whose tokenizer has <|endoftext|>")
+        require_eot(tok)
         return [tok.eot_id], _ids(tok, continuation)
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -55,15 +59,20 @@ def windows(c: int, n: int, block_size: int) -> list[tuple[int, int, int]]:
     if n - c <= block_size:              # the continuation fits: one row, as much context as the rest of it allows
         return [(max(0, n - 1 - block_size), n - 1, c)]
     stride = max(1, block_size // 2)
-    rows = [(max(0, c - 1), min(n, c + block_size) - 1, c)]
+    start = max(0, c - 1 - stride)       # half a context before the continuation, where there is that much
+    rows = [(start, start + block_size, c)]
     while rows[-1][1] < n - 1:
         end = min(n - 1, rows[-1][1] + stride)
         rows.append((end - block_size, end, rows[-1][1] + 1))
     return rows
 
+def windowed(requests: list[tuple[list[int], list[int]]], block_size: int) -> int:
+    "How many of `requests` have a continuation longer than the context: scored in rows, where lm-eval refuses."
+    return sum(len(continuation) > block_size for _, continuation in requests)
+
 # %% ../nbs/13a_tasks.ipynb #9a583730
 def _rows(requests: list[tuple[list[int], list[int]]], block_size: int):
-    "Every request's rows: (ids of the row's input and target, first counted position, request index)."
+    "Every request's rows: (ids of the row's input and target, positions not counted at its start, request index)."
     out = []
     for i, (context, continuation) in enumerate(requests):
         ids = list(context) + list(continuation)
@@ -88,8 +97,10 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_tok
     """log p(continuation | context) for each `(context ids, continuation ids)` of `requests`, in float64, by
     padded batches of rows; `progress(done, total)` is called after each batch with counts of rows."""
     device = next(model.parameters()).device
-    rows = _rows(requests, model.block_size)
-    totals = np.zeros(len(requests), dtype=np.float64)
+    distinct = {}                          # each distinct question once: equal questions get equal scores, exactly
+    which = [distinct.setdefault((tuple(c), tuple(x)), len(distinct)) for c, x in requests]
+    rows = _rows(list(distinct), model.block_size)
+    totals = np.zeros(len(distinct), dtype=np.float64)
     done = 0
     was_training = model.training
     model.eval()
@@ -100,9 +111,9 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_tok
                 ids = torch.zeros(len(batch), width + 1, dtype=torch.long)
                 counted = torch.zeros(len(batch), width, dtype=torch.bool)
                 for b, r in enumerate(batch):
-                    row, first, _ = rows[r]
+                    row, skip, _ = rows[r]
                     ids[b, :len(row)] = torch.tensor(row)
-                    counted[b, first:len(row) - 1] = True
+                    counted[b, skip:len(row) - 1] = True
                 ids, counted = ids.to(device), counted.to(device)
                 logits, _ = model(ids[:, :-1])
                 logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -113,7 +124,7 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_tok
                     progress(done, len(rows))
     finally:
         model.train(was_training)
-    return totals
+    return totals[which]
 
 # %% ../nbs/13a_tasks.ipynb #9f502689
 _KINDS = {str: 'a string', bool: 'a boolean', int: 'an integer', float: 'a number', list: 'a list', dict: 'an object'}
@@ -175,7 +186,7 @@ class Paradigm:
     name: str
     term: str
     field: str
-    pairs: list = field(default_factory=list)
+    pairs: list
 
 def blimp_files(path) -> tuple[list[Path], Path | None]:
     "The paradigm files `path` names (a folder's `*.jsonl` in name order, or one file), and the paper's summary file."
@@ -216,6 +227,11 @@ def load_blimp(path, limit: int | None = None) -> tuple[list[Paradigm], dict]:
 # %% ../nbs/13a_tasks.ipynb #54ffae7d
 DELIMITER = ' '   # lm-eval's target delimiter: what comes between a context and each of its answers
 
+def cannot_encode(tok, where: str, error: TokenizerError) -> TaskError:
+    "The error for a text the model's tokenizer cannot encode, at `where`."
+    hint = "; a character model knows only the characters of its training text" if tok.kind == 'char' else ''
+    return TaskError(f"{where}: {error}{hint}")
+
 def _encode_all(tok, texts: list[str], names: list[str]) -> list[list[int]]:
     "The ids of every text (one call to the tokenizer); a text it cannot encode is named by `names`."
     try:
@@ -225,28 +241,29 @@ def _encode_all(tok, texts: list[str], names: list[str]) -> list[list[int]]:
             try:
                 tok.encode(text)
             except TokenizerError as e:
-                raise TaskError(f"{name}: {e}; a character model knows only the characters of its training "
-                                "text") from None
+                raise cannot_encode(tok, name, e) from None
         raise
 
 def score_blimp(model, tok, paradigms: list[Paradigm], batch_tokens: int = 4096, progress=None) -> dict:
-    "`{paradigm: {term, field, pairs, correct, accuracy}}`: each pair right when log p(good) >= log p(bad)."
-    if tok.eot_id is None:
-        encode_pair(tok, '', 'x')   # raises: BLiMP's sentences have no context to be predicted from
+    """`{paradigm: {term, field, pairs, correct, accuracy, windowed}}`: each pair right when log p(good) >= log p(bad);
+    `windowed`, the sentences longer than the model's context (scored in rows, where lm-eval refuses)."""
+    require_eot(tok)   # BLiMP's sentences have no context: they start after the end-of-text token
     texts, names = [], []
     for p in paradigms:
         for number, (good, bad) in enumerate(p.pairs, 1):
             texts += [DELIMITER + good, DELIMITER + bad]
             names += [f"{p.name} pair {number} (good)", f"{p.name} pair {number} (bad)"]
     ids = _encode_all(tok, texts, names)
-    scores = loglikelihoods(model, [([tok.eot_id], x) for x in ids], batch_tokens, progress)
+    requests = [([tok.eot_id], x) for x in ids]
+    scores = loglikelihoods(model, requests, batch_tokens, progress)
     results, at = {}, 0
     for p in paradigms:
         good, bad = scores[at:at + 2 * len(p.pairs):2], scores[at + 1:at + 2 * len(p.pairs):2]
-        at += 2 * len(p.pairs)
         correct = int((good >= bad).sum())
+        long = windowed(requests[at:at + 2 * len(p.pairs)], model.block_size)
+        at += 2 * len(p.pairs)
         results[p.name] = dict(term=p.term, field=p.field, pairs=len(p.pairs), correct=correct,
-                               accuracy=correct / len(p.pairs))
+                               accuracy=correct / len(p.pairs), windowed=long)
     return results
 
 # %% ../nbs/13a_tasks.ipynb #cea38c3d
@@ -281,6 +298,8 @@ CHOICE_FIELDS = {'context': str, 'choices': list, 'label': int}
 def _choice_problem(record: dict) -> str | None:
     "What is wrong with a multiple-choice question, or None."
     choices, label = record['choices'], record['label']
+    if record['context'] and not record['context'].strip():
+        return "'context' holds only spaces: give one with text, or an empty one to start from a document's start"
     if len(choices) < 2:
         return f"'choices' has {len(choices)} choice{'s' if len(choices) != 1 else ''}; a question needs at least two"
     for i, choice in enumerate(choices):
@@ -301,9 +320,21 @@ def load_choices(path, limit: int | None = None) -> list[dict]:
         raise TaskError(f"{path} holds no questions")
     return questions
 
+def _choice_requests(tok, questions: list[dict]) -> list:
+    "Every choice of every question as (context ids, continuation ids); a question that cannot be asked is named."
+    requests = []
+    for number, q in enumerate(questions, 1):
+        try:
+            requests += [encode_pair(tok, q['context'], DELIMITER + c) for c in q['choices']]
+        except TokenizerError as e:
+            raise cannot_encode(tok, f"question {number}", e) from None
+        except TaskError as e:
+            raise TaskError(f"question {number}: {e}") from None
+    return requests
+
 def score_choices(model, tok, questions: list[dict], batch_tokens: int = 4096, progress=None) -> dict:
-    "lm-eval's `acc` and `acc_norm` over `questions`, and their number."
-    requests = [encode_pair(tok, q['context'], DELIMITER + c) for q in questions for c in q['choices']]
+    "lm-eval's `acc` and `acc_norm` over `questions`, their number, and the choices scored in rows (`windowed`)."
+    requests = _choice_requests(tok, questions)
     scores = loglikelihoods(model, requests, batch_tokens, progress)
     right = right_norm = at = 0
     for q in questions:
@@ -312,7 +343,8 @@ def score_choices(model, tok, questions: list[dict], batch_tokens: int = 4096, p
         lengths = np.array([float(len(c)) for c in q['choices']])
         right += int(np.argmax(ll) == q['label'])
         right_norm += int(np.argmax(ll / lengths) == q['label'])
-    return dict(questions=len(questions), acc=right / len(questions), acc_norm=right_norm / len(questions))
+    return dict(questions=len(questions), acc=right / len(questions), acc_norm=right_norm / len(questions),
+                windowed=windowed(requests, model.block_size))
 
 # %% ../nbs/13a_tasks.ipynb #ccb75743
 def text_bpb(model, tok, text: str, batch_tokens: int = 4096, progress=None) -> dict:
@@ -326,7 +358,7 @@ def text_bpb(model, tok, text: str, batch_tokens: int = 4096, progress=None) -> 
         counted = len(text.encode('utf-8'))
     else:
         context, continuation = ids[:1], ids[1:]
-        counted = len(text.encode('utf-8')) - len(tok.decode(ids[:1]).encode('utf-8'))
+        counted = len(text.encode('utf-8')) - len(tok.token_bytes[ids[0]])
     if not continuation or counted == 0:
         raise TaskError("the text is too short to score: it needs a token after the first")
     bits = -loglikelihoods(model, [(context, continuation)], batch_tokens, progress)[0] / math.log(2)
