@@ -15,8 +15,8 @@ from .cli import CLIParser, command
 from .sample import load_model
 
 # %% auto #0
-__all__ = ['TASKS', 'main', 'cli', 'make_parser', 'progress_bar', 'read_text_file', 'load_task', 'check_args', 'windows_note',
-           'score_task', 'run']
+__all__ = ['TASKS', 'main', 'cli', 'make_parser', 'progress_bar', 'read_text_file', 'load_task', 'check_args', 'score_task',
+           'run']
 
 # %% ../nbs/17a_eval.ipynb #9ab006e4
 TASKS = ('blimp', 'choice', 'bpb')
@@ -101,7 +101,7 @@ def check_args(args):
         raise TaskError(f"--json: {args.json} is a folder; give the name of the file to write")
 
 # %% ../nbs/17a_eval.ipynb #2fbfa092
-def windows_note(n: int, what: str) -> str:
+def _windows_note(n: int, what: str) -> str:
     "A line under the report when `n` texts were longer than the model's context."
     if not n:
         return ''
@@ -117,12 +117,12 @@ def score_task(task: str, model, tok, data, batch_tokens: int, progress=None) ->
         pairs = sum(len(p.pairs) for p in paradigms)
         long = sum(r['windowed'] for r in results.values())
         head = f"BLiMP: {len(paradigms)} paradigm{'s' if len(paradigms) != 1 else ''}, {pairs:,} pairs"
-        report = head + '\n' + blimp_table(summary) + windows_note(long, 'sentences')
+        report = head + '\n' + blimp_table(summary) + _windows_note(long, 'sentences')
         return dict(paradigms=results, windowed=long, **summary), report
     if task == 'choice':
         r = score_choices(model, tok, data, batch_tokens, progress)
         return r, (f"multiple choice: {r['questions']:,} questions, acc {100 * r['acc']:.1f}%, "
-                   f"acc_norm {100 * r['acc_norm']:.1f}%" + windows_note(r['windowed'], 'choices'))
+                   f"acc_norm {100 * r['acc_norm']:.1f}%" + _windows_note(r['windowed'], 'choices'))
     r = text_bpb(model, tok, data, batch_tokens, progress)
     return r, f"bits per byte: {r['bpb']:.4f} ({r['bytes']:,} bytes, {r['tokens']:,} tokens predicted)"
 

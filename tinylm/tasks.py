@@ -17,7 +17,7 @@ from .tokenizer import TokenizerError
 # %% auto #0
 __all__ = ['BLIMP_FIELDS', 'SUMMARY', 'REFERENCES', 'DELIMITER', 'CHOICE_FIELDS', 'TaskError', 'require_eot', 'encode_pair',
            'windows', 'windowed', 'loglikelihoods', 'read_records', 'Paradigm', 'blimp_files', 'load_blimp',
-           'cannot_encode', 'score_blimp', 'blimp_summary', 'blimp_table', 'load_choices', 'score_choices', 'text_bpb']
+           'score_blimp', 'blimp_summary', 'blimp_table', 'load_choices', 'score_choices', 'text_bpb']
 
 # %% ../nbs/13a_tasks.ipynb #4eea23c9
 class TaskError(TinyLMError, ValueError):
@@ -227,7 +227,7 @@ def load_blimp(path, limit: int | None = None) -> tuple[list[Paradigm], dict]:
 # %% ../nbs/13a_tasks.ipynb #54ffae7d
 DELIMITER = ' '   # lm-eval's target delimiter: what comes between a context and each of its answers
 
-def cannot_encode(tok, where: str, error: TokenizerError) -> TaskError:
+def _cannot_encode(tok, where: str, error: TokenizerError) -> TaskError:
     "The error for a text the model's tokenizer cannot encode, at `where`."
     hint = "; a character model knows only the characters of its training text" if tok.kind == 'char' else ''
     return TaskError(f"{where}: {error}{hint}")
@@ -241,7 +241,7 @@ def _encode_all(tok, texts: list[str], names: list[str]) -> list[list[int]]:
             try:
                 tok.encode(text)
             except TokenizerError as e:
-                raise cannot_encode(tok, name, e) from None
+                raise _cannot_encode(tok, name, e) from None
         raise
 
 def score_blimp(model, tok, paradigms: list[Paradigm], batch_tokens: int = 4096, progress=None) -> dict:
@@ -327,7 +327,7 @@ def _choice_requests(tok, questions: list[dict]) -> list:
         try:
             requests += [encode_pair(tok, q['context'], DELIMITER + c) for c in q['choices']]
         except TokenizerError as e:
-            raise cannot_encode(tok, f"question {number}", e) from None
+            raise _cannot_encode(tok, f"question {number}", e) from None
         except TaskError as e:
             raise TaskError(f"question {number}: {e}") from None
     return requests
