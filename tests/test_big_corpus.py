@@ -83,7 +83,7 @@ def test_a_big_corpus_prepares_in_bounded_memory_and_starts_fast(tmp_path):
     "64 MB (above the 32 MB threshold): preparation and a run on it stay far below the corpus's in-memory cost."
     from tinylm.config import TrainingConfig
     from tinylm.measure import prepare_times
-    r = prepare_times(TrainingConfig(threads=1), 64, tmp_path)
+    r = prepare_times(TrainingConfig(threads=1), 64, tmp_path, documents=False)   # one text, as before documents
     assert r['tokens'] == 64_000_000
     assert r['prepare_peak_rss_mb'] < 900, r          # chunks of 16 MB, not the whole corpus
     assert r['run_peak_rss_mb'] < 600, r              # the baby model on a memory-mapped corpus
