@@ -478,9 +478,10 @@ def _document_tokenizer(cls, reader: DocumentReader, meta: dict, is_val: np.ndar
     if sample.seen == 0:      # the scan came from the cache: a pass of its own
         _sample_pass(reader, sample, show(f"sampling {source} for a {vocab_size:,}-entry BPE", reader.n_bytes))
     texts = sample.texts(is_val)
-    trained = show(f"training a {vocab_size:,}-entry BPE on {sum(map(len, texts)):,} characters", 1)
+    size = sum(len(t.encode('utf-8')) for t in texts)   # the progress protocol counts bytes
+    trained = show(f"training a {vocab_size:,}-entry BPE on {sum(map(len, texts)):,} characters", size)
     tok = cls.train(texts, vocab_size, eot=True)
-    trained(1)
+    trained(size)
     sample.kept = []
     if saved:
         _write_text(saved, tok.to_str())

@@ -14,8 +14,8 @@ from torch.utils.data import Dataset, DataLoader
 from .corpus import DataError, DEFAULT_CORPUS, load_text, text_sha256, _mix  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['split_corpus', 'WindowDataset', 'KeyedPermutation', 'check_world_batch', 'EpochBatchSampler', 'EvalBatchSampler',
-           'passthrough_collate', 'train_sampler', 'make_dataloaders', 'DocumentBatchSampler']
+__all__ = ['split_corpus', 'WindowDataset', 'KeyedPermutation', 'check_world_batch', 'StreamState', 'EpochBatchSampler',
+           'EvalBatchSampler', 'passthrough_collate', 'train_sampler', 'make_dataloaders', 'DocumentBatchSampler']
 
 # %% ../nbs/04_data.ipynb #464bf616
 def split_corpus(ids, val_fraction: float = 0.05):
@@ -175,7 +175,35 @@ def check_world_batch(batch_size: int, world_size: int):
         raise DataError(f"batch_size ({batch_size}) is the global batch and must be divisible by the number of "
                         f"processes ({world_size}); try --set batch_size={hint}")
 
-class EpochBatchSampler:
+class StreamState:
+    """What an endless sampler saves and resumes from: `(epoch, position)`, the batch of the epoch it hands out next.
+    A subclass says how many batches an epoch has (`_batches`) and sets its state from a count (`set_position`)."""
+    def _batches(self, epoch: int) -> int:
+        "Batches in epoch `epoch`."
+        raise NotImplementedError
+
+    def _before(self, epoch: int) -> int:
+        "Batches in the epochs before `epoch`."
+        return sum(self._batches(e) for e in range(epoch))
+
+    @property
+    def batches_consumed(self) -> int:
+        "Total number of batches handed out since epoch 0, position 0."
+        return self._before(self.epoch) + self.position
+
+    def state_dict(self) -> dict:
+        "The whole state of the stream: `{'epoch': int, 'position': int}` (plain ints)."
+        return {'epoch': self.epoch, 'position': self.position}
+
+    def load_state_dict(self, d: dict):
+        "Resume from a `state_dict`; no batch is replayed."
+        if not isinstance(d, dict) or not {'epoch', 'position'} <= d.keys():
+            raise DataError(f"sampler state must be a dict with 'epoch' and 'position', got {d!r}")
+        e = _check_int("sampler state 'epoch'", d['epoch'], 0)
+        p = _check_int("sampler state 'position'", d['position'], 0, self._batches(e) + 1)
+        self.set_position(self._before(e) + p)
+
+class EpochBatchSampler(StreamState):
     "Endless, resumable stream of batches of window indices; epoch `e` visits the windows in a keyed permutation."
     BLOCK_BATCHES = 64   # batches whose indices are computed together: a few KB, numpy's overhead paid once per block
     def __init__(self, n_windows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -234,27 +262,16 @@ class EpochBatchSampler:
         "Batches per epoch. (Iteration itself never ends.)"
         return self.batches_per_epoch
 
-    @property
-    def batches_consumed(self) -> int:
-        "Total number of batches handed out since epoch 0, position 0."
-        return self.epoch * self.batches_per_epoch + self.position
+    def _batches(self, epoch: int) -> int:
+        return self.batches_per_epoch   # every epoch alike
+
+    def _before(self, epoch: int) -> int:
+        return epoch * self.batches_per_epoch
 
     def set_position(self, batches_consumed: int):
         "Continue as if `batches_consumed` batches had already been taken."
         k = _check_int('batches_consumed', batches_consumed, 0)
         self.epoch, self.position = divmod(k, self.batches_per_epoch)
-
-    def state_dict(self) -> dict:
-        "The whole state of the stream: `{'epoch': int, 'position': int}` (plain ints)."
-        return {'epoch': self.epoch, 'position': self.position}
-
-    def load_state_dict(self, d: dict):
-        "Resume from a `state_dict`; no batch is replayed."
-        if not isinstance(d, dict) or not {'epoch', 'position'} <= d.keys():
-            raise DataError(f"sampler state must be a dict with 'epoch' and 'position', got {d!r}")
-        e = _check_int("sampler state 'epoch'", d['epoch'], 0)
-        p = _check_int("sampler state 'position'", d['position'], 0, self.batches_per_epoch + 1)
-        self.epoch, self.position = divmod(e * self.batches_per_epoch + p, self.batches_per_epoch)
 
     def __repr__(self):
         return (f"EpochBatchSampler(n_windows={self.n_windows:,}, batch_size={self.batch_size}, seed={self.seed}, "
@@ -318,7 +335,7 @@ def make_dataloaders(train_ds: WindowDataset, val_ds: WindowDataset, config, ran
             DataLoader(val_ds, batch_sampler=val_sampler, generator=torch.Generator(), **kw))
 
 # %% ../nbs/04_data.ipynb #5d99fafe
-class DocumentBatchSampler:
+class DocumentBatchSampler(StreamState):
     """Endless, resumable batches of rows of `block_size + 1` token positions, each row beginning at a document's
     start (`starts`, of a split of `n_tokens`), packed by best fit from a buffer of documents in a keyed order."""
     BUFFER = 1000   # documents the best fit chooses from
@@ -418,11 +435,6 @@ class DocumentBatchSampler:
         "Batches in the current epoch. (Iteration itself never ends.)"
         return self._batches(self.epoch)
 
-    @property
-    def batches_consumed(self) -> int:
-        "Total number of batches handed out since epoch 0, position 0."
-        return sum(self._batches(e) for e in range(self.epoch)) + self.position
-
     def set_position(self, batches_consumed: int):
         "Continue as if `batches_consumed` batches had already been taken."
         k, epoch = _check_int('batches_consumed', batches_consumed, 0), 0
@@ -430,18 +442,6 @@ class DocumentBatchSampler:
             k -= self._batches(epoch)
             epoch += 1
         self.epoch, self.position = epoch, k
-
-    def state_dict(self) -> dict:
-        "The whole state of the stream: `{'epoch': int, 'position': int}` (plain ints)."
-        return {'epoch': self.epoch, 'position': self.position}
-
-    def load_state_dict(self, d: dict):
-        "Resume from a `state_dict`."
-        if not isinstance(d, dict) or not {'epoch', 'position'} <= d.keys():
-            raise DataError(f"sampler state must be a dict with 'epoch' and 'position', got {d!r}")
-        e = _check_int("sampler state 'epoch'", d['epoch'], 0)
-        p = _check_int("sampler state 'position'", d['position'], 0, self._batches(e) + 1)
-        self.set_position(sum(self._batches(i) for i in range(e)) + p)
 
     def __repr__(self):
         return (f"DocumentBatchSampler(documents={len(self.starts):,}, row={self.row}, batch_size={self.batch_size}, "
