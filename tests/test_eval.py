@@ -113,6 +113,72 @@ def test_bad_input_is_one_error_line(case, exported, tmp_path):
     assert_clean_error(p.returncode, p.stdout, p.stderr, 1, (expected,))
 
 
+# ---------------------------------------------------------------- tasks scored during training
+SCORES = ('name', 'task', 'step', 'accuracy', 'pairs', 'terms', 'paradigms', 'acc', 'acc_norm', 'questions')
+
+
+def task_records(out: Path) -> list[dict]:
+    "The `task_eval` records of a run, without what differs from one execution to the next (times, ids, paths)."
+    records = [json.loads(line) for line in (out / 'train.jsonl').read_text().splitlines()]
+    return [{k: r[k] for k in SCORES if k in r} for r in records if r['event'] == 'task_eval']
+
+
+@pytest.fixture(scope='module')
+def task_files(tmp_path_factory):
+    "A corpus of documents, a BLiMP-format folder and a multiple-choice file of its words."
+    d = tmp_path_factory.mktemp('tasks')
+    data = write_docs(d / 'docs.jsonl', make_docs(1500, seed=11, longest=8, sentences=2))
+    return data, made_up_blimp(d / 'blimp'), made_up_questions(d / 'questions.jsonl')
+
+
+def task_args(blimp: Path, questions: Path, **over) -> list:
+    return tiny_args(**{'dropout': 0.0, 'sampling_cadence': 0, 'eval_cadence': 0, 'checkpoint_cadence': 6,
+                        'eval_tasks': '[blimp, choice]', 'eval_task_data': f'[{blimp}, {questions}]',
+                        'eval_task_cadence': 4, 'eval_task_limit': 20, **over})
+
+
+def test_tasks_scored_during_training_are_logged_and_resume_exactly(task_files, tmp_path):
+    data, blimp, questions = task_files
+    whole, first = tmp_path / 'whole', tmp_path / 'part'
+    p = ok(train(['--data', data, '--out-dir', whole, '--max-steps', 12, *task_args(blimp, questions)]))
+    assert 'step 4 | blimp ' in p.stdout and '(2 paradigms, 40 pairs' in p.stdout and '| choice acc ' in p.stdout
+    scored = task_records(whole)
+    assert [(r['step'], r['name']) for r in scored] == [(s, n) for s in (4, 8, 12) for n in ('blimp', 'choice')]
+    assert set(scored[0]['paradigms']) == {'reversed', 'doubled'} and scored[1]['questions'] == 20
+    ok(train(['--data', data, '--out-dir', first, '--max-steps', 6, *task_args(blimp, questions)]))
+    ok(train(['--resume', first, '--max-steps', 12]))
+    resumed = [r for r in task_records(first) if r['step'] > 6]
+    assert resumed == [r for r in scored if r['step'] > 6]          # the same scores, at the same steps, to the bit
+    no_tasks = tmp_path / 'plain'
+    ok(train(['--data', data, '--out-dir', no_tasks, '--max-steps', 12, *task_args(blimp, questions, eval_tasks='[]',
+                                                                                  eval_task_data='[]')]))
+    losses = [[json.loads(line).get('loss') for line in (run / 'train.jsonl').read_text().splitlines()
+               if json.loads(line)['event'] == 'step'] for run in (whole, no_tasks)]
+    assert losses[0] == losses[1]                                 # scoring changes nothing that training computes
+    plot = subprocess.run([sys.executable, '-m', 'tinylm.plot', str(whole)], capture_output=True, text=True, env=env())
+    assert plot.returncode == 0 and '3 task scores' in plot.stdout, plot.stdout + plot.stderr
+
+
+@pytest.mark.parametrize('case', ['folder', 'no_eot', 'lengths', 'task'])
+def test_bad_task_settings_stop_the_run_before_step_1(case, task_files, tmp_path):
+    data, blimp, questions = task_files
+    text = tmp_path / 'plain.txt'
+    text.write_text(''.join(make_docs(300, seed=3)))
+    over, corpus, expected = {
+        'folder': ({'eval_tasks': '[blimp]', 'eval_task_data': f'[{tmp_path / "nowhere"}]'}, data,
+                   'eval_tasks: blimp: BLiMP data not found'),
+        'no_eot': ({'eval_tasks': '[blimp]', 'eval_task_data': f'[{blimp}]'}, text, 'no end-of-text token'),
+        'lengths': ({'eval_tasks': '[blimp, choice]', 'eval_task_data': f'[{blimp}]'}, data,
+                    'eval_task_data must name one folder or file per task'),
+        'task': ({'eval_tasks': 'blimp,choice', 'eval_task_data': f'[{blimp}]'}, data,
+                 "eval_tasks: 'blimp,choice' is not a task"),
+    }[case]
+    out = tmp_path / 'run'
+    p = train(['--data', corpus, '--out-dir', out, '--max-steps', 4, *task_args(blimp, questions, **over)])
+    assert_clean_error(p.returncode, p.stdout, p.stderr, 1, (expected,))
+    assert not (out / 'checkpoints').exists() or not any((out / 'checkpoints').glob('*.pt'))
+
+
 # ---------------------------------------------------------------- agreement with lm-eval-harness
 BLIMP_YAML = '''\
 task: {task}

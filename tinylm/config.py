@@ -12,8 +12,8 @@ import yaml
 import tinylm
 
 # %% auto #0
-__all__ = ['PACKAGE_DIR', 'BUNDLED_CORPUS', 'DEFAULT_DATA', 'RECIPES_DIR', 'MAX_YAML_BYTES', 'HASH_EXCLUDED', 'HASH_IF_SET',
-           'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'moved_names', 'bundled_corpora',
+__all__ = ['PACKAGE_DIR', 'BUNDLED_CORPUS', 'DEFAULT_DATA', 'RECIPES_DIR', 'EVAL_TASKS', 'MAX_YAML_BYTES', 'HASH_EXCLUDED',
+           'HASH_IF_SET', 'TinyLMError', 'ConfigError', 'brief', 'os_error_cause', 'moved_names', 'bundled_corpora',
            'resolve_data_path', 'bundled_recipes', 'TrainingConfig', 'parse_duration', 'load_yaml', 'find_config',
            'read_config_file', 'load_config', 'config_hash']
 
@@ -83,6 +83,7 @@ _CHOICES = {'precision': ('auto', 'float32', 'bfloat16', 'float16'), 'progress':
             'optimizer': ('adamw', 'muon'), 'lr_schedule': ('cosine', 'wsd'),
             'muon_ns_coefficients': ('muon', 'polar_express'), 'muon_ns_dtype': ('auto', 'float32', 'bfloat16'),
             'packing': ('stream', 'document')}
+EVAL_TASKS = ('blimp', 'choice', 'bpb')   # what `eval_tasks` may name: the tasks chapter scores them
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -149,6 +150,11 @@ class TrainingConfig:
     sample_seed: int = 42
     checkpoint_cadence: int = 500
     keep_checkpoints: int = 3
+    # -- tasks scored during training (chapter 13a); they never change what training computes
+    eval_tasks: tuple[str, ...] = ()       # blimp | choice | bpb, as a list: [blimp]
+    eval_task_data: tuple[str, ...] = ()   # each task's data, in the same order: a folder or a file
+    eval_task_cadence: int = 0             # steps between task evaluations (0: eval_cadence's)
+    eval_task_limit: int = 0               # the first N pairs of each BLiMP paradigm, or N questions (0: all)
     # -- hardware and extras
     device: str = 'auto'             # auto | cpu | cuda | cuda:N | mps
     precision: str = 'auto'          # auto (measured on a CPU, chapter 7) | float32 | bfloat16 | float16 (autocast)
@@ -179,8 +185,8 @@ class TrainingConfig:
         return cls(**{k: _coerce(v, _hints()[k]) for k, v in d.items()})
 
     def to_dict(self) -> dict:
-        "The config as a plain dict (JSON/YAML/checkpoint safe)."
-        return asdict(self)
+        "The config as a plain dict (JSON/YAML/checkpoint safe): a field that holds a tuple gives a list."
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 # %% ../nbs/00_config.ipynb #d957d2db
 _HINTS = None
@@ -199,9 +205,18 @@ def _coerce(value, t):
             pass
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typing.get_origin(t) is tuple and isinstance(value, str):
+        return (value,)          # one item: `--set eval_tasks=blimp`
+    if typing.get_origin(t) is tuple and isinstance(value, list):
+        return tuple(value)      # a YAML or JSON list
     return value
 
 def _check_type(name, value, t):
+    if typing.get_origin(t) is tuple:
+        if not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            shown = list(value) if isinstance(value, tuple) else value   # as the user wrote it
+            raise ConfigError(f"config field '{name}' expects a list of strings, got {brief(shown)}")
+        return
     ok = (isinstance(value, bool) if t is bool else
           isinstance(value, int) and not isinstance(value, bool) if t is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
@@ -254,7 +269,7 @@ def _check_values(c: TrainingConfig):
     if c.time_budget:
         parse_duration(c.time_budget)
     for n in ('warmup_steps', 'eval_cadence', 'eval_batches', 'sampling_cadence', 'sample_length', 'checkpoint_cadence',
-              'threads'):
+              'threads', 'eval_task_cadence', 'eval_task_limit'):
         need(getattr(c, n) >= 0, f"config field '{n}' must be >= 0, got {getattr(c, n)}")
     for n in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'val_fraction', 'dropout', 'beta1', 'beta2',
               'muon_lr', 'muon_momentum', 'muon_weight_decay', 'decay_fraction'):
@@ -286,6 +301,13 @@ def _check_values(c: TrainingConfig):
     need(c.out_dir != '', "config field 'out_dir' must not be empty")
     need(bool(_DEVICE_RE.match(c.device)),
          f"config field 'device' must be one of auto, cpu, cuda, cuda:N, mps; got {brief(c.device)}")
+    for task in c.eval_tasks:
+        need(task in EVAL_TASKS, f"eval_tasks: {brief(task)} is not a task; tinylm scores {', '.join(EVAL_TASKS)} "
+                                 "(several are a list: [blimp, choice])")
+    need(len(c.eval_task_data) == len(c.eval_tasks),
+         f"eval_task_data must name one folder or file per task of eval_tasks, in the same order: "
+         f"{len(c.eval_tasks)} task{'s' if len(c.eval_tasks) != 1 else ''}, {len(c.eval_task_data)} "
+         f"path{'s' if len(c.eval_task_data) != 1 else ''}")
     for n, choices in _CHOICES.items():
         need(getattr(c, n) in choices,
              f"config field '{n}' must be one of {', '.join(choices)}; got {brief(getattr(c, n))}")
@@ -372,7 +394,8 @@ def load_config(path_or_name, base: TrainingConfig | None = None) -> TrainingCon
 
 # %% ../nbs/00_config.ipynb #c152a4b0
 HASH_EXCLUDED = frozenset({'data_path', 'text_field', 'out_dir', 'progress', 'tensorboard', 'keep_checkpoints',
-                           'max_steps', 'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence'})
+                           'max_steps', 'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence',
+                           'eval_tasks', 'eval_task_data', 'eval_task_cadence', 'eval_task_limit'})
 # fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
 HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
                          'muon_split_qkv', 'depth', 'tokens_per_param', 'time_budget', 'logit_softcap',

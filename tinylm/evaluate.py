@@ -9,18 +9,14 @@ from pathlib import Path
 
 from .device import machine_kind
 from .bpe import tokenizer_info
-from .tasks import (TaskError, load_blimp, score_blimp, blimp_summary, blimp_table, load_choices, score_choices,
-                          text_bpb)
+from .tasks import TASKS, TaskError, load_task, score_task
 from .cli import CLIParser, command
 from .sample import load_model
 
 # %% auto #0
-__all__ = ['TASKS', 'main', 'cli', 'make_parser', 'progress_bar', 'read_text_file', 'load_task', 'check_args', 'score_task',
-           'run']
+__all__ = ['main', 'cli', 'make_parser', 'progress_bar', 'check_args', 'run']
 
 # %% ../nbs/17a_eval.ipynb #9ab006e4
-TASKS = ('blimp', 'choice', 'bpb')
-
 def make_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='tinylm_eval', description='Evaluate a tinylm checkpoint on a task: BLiMP, multiple choice, or '
                                                  'the bits per byte of a text.',
@@ -64,29 +60,6 @@ def progress_bar(description: str, file=None):
     return update
 
 # %% ../nbs/17a_eval.ipynb #8721147d
-def read_text_file(path) -> str:
-    "The text of a UTF-8 file, for `--task bpb`."
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise TaskError(f"text file not found: {path}" if not path.exists() else f"{path} is not a file")
-    try:
-        text = path.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e:
-        raise TaskError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
-    except OSError as e:
-        raise TaskError(f"cannot read {path}: {e.strerror or e}") from None
-    if not text:
-        raise TaskError(f"{path} is empty: there is nothing to score")
-    return text
-
-def load_task(task: str, data, limit: int | None):
-    "The task's data, read and checked: BLiMP's (paradigms, references), the questions, or the text."
-    if task == 'blimp':
-        return load_blimp(data, limit)
-    if task == 'choice':
-        return load_choices(data, limit)
-    return read_text_file(data)
-
 def check_args(args):
     "Refuse a bad `--limit`, `--batch-tokens` or `--json` before any work."
     if args.limit is not None and args.limit < 1:
@@ -101,31 +74,6 @@ def check_args(args):
         raise TaskError(f"--json: {args.json} is a folder; give the name of the file to write")
 
 # %% ../nbs/17a_eval.ipynb #2fbfa092
-def _windows_note(n: int, what: str) -> str:
-    "A line under the report when `n` texts were longer than the model's context."
-    if not n:
-        return ''
-    return (f"\nnote: {n:,} {what} longer than the model's context were scored in overlapping windows (lm-eval refuses "
-            "such texts, so these scores are tinylm's own)")
-
-def score_task(task: str, model, tok, data, batch_tokens: int, progress=None) -> tuple[dict, str]:
-    "The task's results and its report."
-    if task == 'blimp':
-        paradigms, references = data
-        results = score_blimp(model, tok, paradigms, batch_tokens, progress)
-        summary = blimp_summary(results, references)
-        pairs = sum(len(p.pairs) for p in paradigms)
-        long = sum(r['windowed'] for r in results.values())
-        head = f"BLiMP: {len(paradigms)} paradigm{'s' if len(paradigms) != 1 else ''}, {pairs:,} pairs"
-        report = head + '\n' + blimp_table(summary) + _windows_note(long, 'sentences')
-        return dict(paradigms=results, windowed=long, **summary), report
-    if task == 'choice':
-        r = score_choices(model, tok, data, batch_tokens, progress)
-        return r, (f"multiple choice: {r['questions']:,} questions, acc {100 * r['acc']:.1f}%, "
-                   f"acc_norm {100 * r['acc_norm']:.1f}%" + _windows_note(r['windowed'], 'choices'))
-    r = text_bpb(model, tok, data, batch_tokens, progress)
-    return r, f"bits per byte: {r['bpb']:.4f} ({r['bytes']:,} bytes, {r['tokens']:,} tokens predicted)"
-
 def run(args) -> int:
     check_args(args)
     data = load_task(args.task, args.data, args.limit)

@@ -10,8 +10,8 @@ import signal
 __all__ = ['EVENTS', 'Hook', 'hook_name', 'GracefulStop']
 
 # %% ../nbs/11_hooks.ipynb #e233d20e
-EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_sample', 'after_checkpoint', 'after_fit',
-          'teardown')
+EVENTS = ('before_fit', 'before_step', 'after_step', 'after_eval', 'after_task_eval', 'after_sample',
+          'after_checkpoint', 'after_fit', 'teardown')
 
 class Hook:
     "Base class for trainer hooks: override any of `EVENTS`; lower `order` runs first."

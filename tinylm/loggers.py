@@ -18,8 +18,8 @@ from .dials import BUDGET_HORIZON
 
 # %% auto #0
 __all__ = ['utc_now', 'peak_rss_mb', 'bits_per_char', 'git_commit', 'resume_changes', 'budget_line', 'corpus_line',
-           'ConsoleLogger', 'ProgressBar', 'repair_log', 'JsonlLogger', 'LogError', 'read_log',
-           'tensorboard_writer_class', 'TensorBoardLogger']
+           'task_numbers', 'task_summary', 'ConsoleLogger', 'ProgressBar', 'repair_log', 'JsonlLogger', 'LogError',
+           'read_log', 'tensorboard_writer_class', 'TensorBoardLogger']
 
 # %% ../nbs/14_loggers.ipynb #58d28edd
 def utc_now() -> str:
@@ -103,6 +103,18 @@ def corpus_line(facts: dict) -> str:
     return (f"corpus: {facts['documents']:,} documents ({facts['val_documents']:,} of them for validation{empty}) | "
             f"packing: {facts['packing']}{kept}")
 
+def task_numbers(record: dict) -> list[str]:
+    "The numbers of a task's scores that a console line, TensorBoard and a plot show."
+    return [key for key in ('accuracy', 'acc', 'acc_norm', 'bpb') if key in record]
+
+def task_summary(name: str, record: dict) -> str:
+    "A task's scores in a few words: BLiMP's mean accuracy, multiple choice's acc and acc_norm, a text's bits per byte."
+    if record['task'] == 'blimp':
+        return f"{name} {record['accuracy']:.1%} ({len(record['paradigms'])} paradigms, {record['pairs']:,} pairs)"
+    if record['task'] == 'choice':
+        return f"{name} acc {record['acc']:.1%}, acc_norm {record['acc_norm']:.1%} ({record['questions']:,} questions)"
+    return f"{name} {record['bpb']:.4f} bits per byte ({record['bytes']:,} bytes)"
+
 class ConsoleLogger(Hook):
     "Short progress lines for people, on stdout."
     order = 80
@@ -168,6 +180,10 @@ class ConsoleLogger(Hook):
         bits = f"{bpb:.3f} bpb" if bpb is not None else f"{bits_per_char(t.last_val_loss):.3f} bits per token"
         self.say(f"step {t.step} | val_loss {t.last_val_loss:.4f} ({bits}) | "
                  f"best {t.best_val_loss:.4f}")
+    def after_task_eval(self, t):
+        for name, r in t.last_task_eval['tasks'].items():
+            took = f", {r['seconds']:.1f} s" if self.volatile else ''
+            self.say(f"step {t.step} | {task_summary(name, r)}{took}")
     def after_sample(self, t):
         self.say(f"--- sample at step {t.step} ---\n{t.last_sample}\n---")
     def after_checkpoint(self, t):
@@ -295,6 +311,9 @@ class JsonlLogger(Hook):
         self.write(t, 'eval', val_loss=t.last_val_loss, val_bpb=t.last_val_bpb,
                    val_bpc=t.last_val_bpc,
                    best_val_loss=t.best_val_loss, train_s=t.train_seconds)   # training time so far: no evals
+    def after_task_eval(self, t):
+        for name, r in t.last_task_eval['tasks'].items():
+            self.write(t, 'task_eval', name=name, **r, train_s=t.train_seconds)
     def after_sample(self, t):
         self.write(t, 'sample', sample_text=t.last_sample)
     def after_checkpoint(self, t):
@@ -350,7 +369,7 @@ def tensorboard_writer_class():
                           "pip install -e \".[tensorboard]\" (or pip install tensorboard)") from None
 
 class TensorBoardLogger(Hook):
-    "Scalars (loss, lr, tokens/s, val_loss, val_bpc, val_bpb) and samples to `<out_dir>/tensorboard`."
+    "Scalars (loss, lr, tokens/s, val_loss, val_bpc, val_bpb, tasks' scores) and samples to `<out_dir>/tensorboard`."
     order = 91
     def __init__(self, log_dir=None):
         self.log_dir = log_dir     # `<out_dir>/tensorboard` unless given
@@ -371,6 +390,12 @@ class TensorBoardLogger(Hook):
             self.w.add_scalar('val/bpc', t.last_val_bpc, t.step)
         if t.last_val_bpb is not None:
             self.w.add_scalar('val/bpb', t.last_val_bpb, t.step)
+    def after_task_eval(self, t):
+        for name, r in t.last_task_eval['tasks'].items():
+            for key in task_numbers(r):
+                self.w.add_scalar(f'task/{name}/{key}', r[key], t.step)
+            for term, accuracy in r.get('terms', {}).items():
+                self.w.add_scalar(f'task/{name}/terms/{term}', accuracy, t.step)
     def after_sample(self, t):
         self.w.add_text('sample', t.last_sample, t.step)
     def after_fit(self, t):

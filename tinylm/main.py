@@ -27,6 +27,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, check_resumable, find
                                model_from_checkpoint)
 from .trainer import Trainer, Evaluator, Sampler, Checkpointer, GracefulStop
 from .dials import apply_dials, TimeBudget, budget_probe
+from .tasks import TaskEvaluator
 from .loggers import ConsoleLogger, ProgressBar, JsonlLogger, TensorBoardLogger, tensorboard_writer_class
 from .cli import int_or, CLIParser, run_command, exit_with, say
 
@@ -48,8 +49,8 @@ def make_parser() -> argparse.ArgumentParser:
                        f"\nBundled recipes (--config NAME): {', '.join(bundled_recipes())}",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', metavar='PATH|RECIPE', help='YAML file of config fields, or a bundled recipe\'s name')
-    p.add_argument('--data', metavar='PATH', help='UTF-8 text file, or a folder of *.txt files, to train on '
-                   '(default: bundled Tiny Shakespeare)')
+    p.add_argument('--data', metavar='PATH', help='what to train on: a UTF-8 text file, a file of documents (.jsonl, '
+                   '.parquet; each also .gz or .zst), a folder or a glob of them (default: bundled Tiny Shakespeare)')
     p.add_argument('--max-steps', '--max_steps', dest='max_steps', type=int, metavar='N',
                    help='total optimizer steps of the run (a resumed run continues up to N)')
     p.add_argument('--resume', metavar='PATH', help='checkpoint file, or a run folder (its latest checkpoint)')
@@ -81,7 +82,8 @@ def make_parser() -> argparse.ArgumentParser:
 RESUMABLE_FIELDS = frozenset({'max_steps', 'out_dir', 'data_path', 'text_field', 'log_cadence', 'eval_cadence',
                               'eval_batches', 'sampling_cadence', 'sample_length', 'sample_seed', 'checkpoint_cadence',
                               'keep_checkpoints', 'device', 'precision', 'compile', 'threads', 'progress',
-                              'tensorboard', 'muon_ns_dtype', 'deterministic'})
+                              'tensorboard', 'muon_ns_dtype', 'deterministic', 'eval_tasks', 'eval_task_data',
+                              'eval_task_cadence', 'eval_task_limit'})
 
 _FLAG_FIELDS = (('data', 'data_path'), ('max_steps', 'max_steps'), ('out_dir', 'out_dir'), ('seed', 'seed'),
                 ('device', 'device'), ('depth', 'depth'), ('time_budget', 'time_budget'))   # a flag and its field
@@ -219,8 +221,11 @@ def seed_everything(seed: int):
 
 def standard_hooks(config: TrainingConfig, console: bool = True, signals: bool = True, main_rank: bool = True) -> list:
     """The hooks of a command-line run. Only the main rank logs, samples and writes checkpoints; every rank evaluates
-    (the validation loss is averaged across ranks), handles signals and hands its random states to the checkpoint."""
+    (the validation loss is averaged across ranks, the tasks scored on each rank's identical model), handles signals
+    and hands its random states to the checkpoint."""
     hooks = ([TimeBudget()] if config.time_budget else []) + [Evaluator(), Checkpointer()]
+    if config.eval_tasks:
+        hooks.insert(-1, TaskEvaluator())
     if signals:
         hooks.append(GracefulStop())
     if not main_rank:

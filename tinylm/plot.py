@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from .config import TinyLMError, brief
 from .corpus import atomic_write
-from .loggers import read_log
+from .loggers import read_log, task_numbers
 from .cli import CLIParser, command, say
 
 # %% auto #0
@@ -53,6 +53,7 @@ class LossCurves:
     lr: list = field(default_factory=list)
     resume_steps: list = field(default_factory=list)   # steps at which a resumed segment starts
     run_ids: list = field(default_factory=list)        # every run in the file, in order of first appearance
+    tasks: dict = field(default_factory=dict)          # '<task> <number>' -> (steps, values), from `task_eval` records
     note: str | None = None                            # said to the user (e.g. which of several runs is shown)
 
 def _num(rec, key):
@@ -80,10 +81,16 @@ def _choose_run(records: list[dict], run_id: str | None = None) -> tuple[str | N
                 "(choose another with --run-id)")
     return last, run_ids, note
 
+def _add_task_scores(tasks: dict, r: dict):
+    "Each number of a `task_eval` record into its series, `tasks['<task> <number>'][step]`."
+    for key in task_numbers(r):
+        tasks.setdefault(f"{r['name']} {key}", {})[_num(r, 'step')] = _num(r, key)
+
 def loss_curves(records: list[dict], run_id: str | None = None) -> LossCurves:
     "Curves of `run_id` (default: the last run in `records`); repeated steps keep their last value."
     run_id, run_ids, note = _choose_run(records, run_id)
     train, val, bpb, lr = {}, {}, {}, {}   # step -> value
+    tasks = {}                             # '<task> <number>' -> {step -> value}
     resumes = []
     kind = 'char'
     for r in records:
@@ -99,6 +106,8 @@ def loss_curves(records: list[dict], run_id: str | None = None) -> LossCurves:
             train[step] = _num(r, 'loss')
             if r.get('lr') is not None:
                 lr[step] = _num(r, 'lr')
+        elif ev == 'task_eval' and isinstance(r.get('name'), str):
+            _add_task_scores(tasks, r)
         elif ev == 'eval' and r.get('val_loss') is not None:
             val[_num(r, 'step')] = _num(r, 'val_loss')
             if r.get('val_bpb') is not None:
@@ -108,22 +117,44 @@ def loss_curves(records: list[dict], run_id: str | None = None) -> LossCurves:
     c.train_steps, c.train_loss = _series(train)
     c.val_steps, c.val_loss = _series(val)
     c.lr_steps, c.lr = _series(lr)
+    c.tasks = {name: _series(points) for name, points in tasks.items()}
     return c
 
 # %% ../nbs/18_plot.ipynb #4afa2095
 LN2 = math.log(2)
 
+def _draw_tasks(ax, tasks: dict):
+    "The tasks' scores: accuracies in percent on the left, bits per byte on a scale of their own on the right."
+    scores = {name: series for name, series in tasks.items() if not name.endswith(' bpb')}
+    bits = {name: series for name, series in tasks.items() if name.endswith(' bpb')}
+    ax_bits = ax.twinx() if bits and scores else ax
+    for i, (name, (steps, values)) in enumerate(scores.items()):
+        ax.plot(steps, [100 * v for v in values], color=f"C{3 + i}", marker='o', ms=3, lw=1.2,
+                label=f"{name} (last: {100 * values[-1]:.1f}%)")
+    for i, (name, (steps, values)) in enumerate(bits.items()):
+        ax_bits.plot(steps, values, color=f"C{3 + len(scores) + i}", marker='s', ms=3, lw=1.2, ls='--',
+                     label=f"{name} (last: {values[-1]:.3f})")
+    if scores:
+        ax.set_ylabel('task score (%)')
+    if bits:
+        ax_bits.set_ylabel('bits per byte')
+    ax.grid(alpha=0.3)
+    handles = [h for a in dict.fromkeys([ax, ax_bits]) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc='best', fontsize='small')
+
 def plot_curves(curves: LossCurves, width: float = 8.0, height: float = 4.5, dpi: float = 100,
                 title: str | None = None) -> Figure:
-    "A matplotlib `Figure` of `curves`: losses (nats; bits for a character model) on top, learning rate below."
+    """A matplotlib `Figure` of `curves`: losses (nats; bits for a character model) on top, the tasks' scores below
+    them where the run scored tasks, and the learning rate at the bottom."""
     if not curves.train_steps and not curves.val_steps:
         raise PlotError(f"run {curves.run_id} has no step records to plot (did it stop before its first log line?)")
     fig = Figure(figsize=(width, height), dpi=dpi, layout='constrained')
     FigureCanvasAgg(fig)   # render with Agg: no display involved
-    if curves.lr_steps:
-        ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={'height_ratios': [3, 1]})
-    else:
-        ax, ax_lr = fig.add_subplot(), None
+    ratios = [3] + [2] * bool(curves.tasks) + [1] * bool(curves.lr_steps)
+    axes = list(fig.subplots(len(ratios), 1, sharex=True, gridspec_kw={'height_ratios': ratios}, squeeze=False)[:, 0])
+    ax = axes.pop(0)
+    ax_tasks = axes.pop(0) if curves.tasks else None
+    ax_lr = axes.pop(0) if curves.lr_steps else None
     if curves.train_steps:
         ax.plot(curves.train_steps, curves.train_loss, color='C0', lw=1.5, label='train loss',
                 marker='.' if len(curves.train_steps) == 1 else None)
@@ -133,8 +164,10 @@ def plot_curves(curves: LossCurves, width: float = 8.0, height: float = 4.5, dpi
         ax.plot(curves.val_steps, curves.val_loss, color='C1', lw=1.5, marker='o', ms=4,
                 label=f"val loss (last: {v:.4f}" + (f"; {bits})" if bits else ")"))
     for i, s in enumerate(curves.resume_steps):
-        for a in (ax, ax_lr) if ax_lr else (ax,):
+        for a in (a for a in (ax, ax_tasks, ax_lr) if a):
             a.axvline(s, color='0.6', ls=':', lw=1, label='resumed' if i == 0 and a is ax else None)
+    if ax_tasks:
+        _draw_tasks(ax_tasks, curves.tasks)
     ax.set_ylabel('loss (nats)')
     if curves.tokenizer == 'char':   # a character per token: the loss in bits is bits per character
         ax.secondary_yaxis('right', functions=(lambda x: x / LN2, lambda b: b * LN2)).set_ylabel('bits per character')
@@ -146,7 +179,7 @@ def plot_curves(curves: LossCurves, width: float = 8.0, height: float = 4.5, dpi
         ax_lr.set_ylim(bottom=0)
         ax_lr.grid(alpha=0.3)
         ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
-    (ax_lr or ax).set_xlabel('step')
+    (ax_lr or ax_tasks or ax).set_xlabel('step')
     title = title or f"tinylm run {curves.run_id}"
     if curves.resume_steps:
         title += f" (resumed at step {', '.join(map(str, curves.resume_steps))})"
@@ -217,7 +250,8 @@ def run(args) -> int:
     out = save_figure(fig, target, args.dpi)
     size = f", {w} x {h} px" if out.suffix.lower() == '.png' else ''
     say(f"wrote {out}{size}: run {curves.run_id}, {len(curves.train_steps)} train points up to step "
-        f"{curves.train_steps[-1] if curves.train_steps else '-'}, {len(curves.val_steps)} evaluations")
+        f"{curves.train_steps[-1] if curves.train_steps else '-'}, {len(curves.val_steps)} evaluations"
+        + (f", {len(curves.tasks)} task scores" if curves.tasks else ''))
     return 0
 
 main, cli = command(make_parser, run, before=lambda: matplotlib.use('Agg'))   # the script: headless, no display

@@ -4,20 +4,22 @@
 
 # %% ../nbs/13a_tasks.ipynb #a741ac89
 from __future__ import annotations
-import json, math
+import json, math, time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import TinyLMError
+from .config import TinyLMError, EVAL_TASKS
 from .tokenizer import TokenizerError
+from .hooks import Hook
 
 # %% auto #0
-__all__ = ['BLIMP_FIELDS', 'SUMMARY', 'REFERENCES', 'DELIMITER', 'CHOICE_FIELDS', 'TaskError', 'require_eot', 'encode_pair',
-           'windows', 'windowed', 'loglikelihoods', 'read_records', 'Paradigm', 'blimp_files', 'load_blimp',
-           'score_blimp', 'blimp_summary', 'blimp_table', 'load_choices', 'score_choices', 'text_bpb']
+__all__ = ['BLIMP_FIELDS', 'SUMMARY', 'REFERENCES', 'DELIMITER', 'CHOICE_FIELDS', 'TASKS', 'HEADLINE', 'TaskError', 'require_eot',
+           'encode_pair', 'windows', 'windowed', 'loglikelihoods', 'read_records', 'Paradigm', 'blimp_files',
+           'load_blimp', 'score_blimp', 'blimp_summary', 'blimp_table', 'load_choices', 'score_choices', 'text_bpb',
+           'read_text_file', 'load_task', 'check_task', 'score_task', 'task_names', 'task_record', 'TaskEvaluator']
 
 # %% ../nbs/13a_tasks.ipynb #4eea23c9
 class TaskError(TinyLMError, ValueError):
@@ -244,9 +246,8 @@ def _encode_all(tok, texts: list[str], names: list[str]) -> list[list[int]]:
                 raise _cannot_encode(tok, name, e) from None
         raise
 
-def score_blimp(model, tok, paradigms: list[Paradigm], batch_tokens: int = 4096, progress=None) -> dict:
-    """`{paradigm: {term, field, pairs, correct, accuracy, windowed}}`: each pair right when log p(good) >= log p(bad);
-    `windowed`, the sentences longer than the model's context (scored in rows, where lm-eval refuses)."""
+def _blimp_requests(tok, paradigms: list[Paradigm]) -> list:
+    "Every sentence, good then bad, pair after pair, as (context ids, continuation ids); one it cannot encode is named."
     require_eot(tok)   # BLiMP's sentences have no context: they start after the end-of-text token
     texts, names = [], []
     for p in paradigms:
@@ -254,7 +255,12 @@ def score_blimp(model, tok, paradigms: list[Paradigm], batch_tokens: int = 4096,
             texts += [DELIMITER + good, DELIMITER + bad]
             names += [f"{p.name} pair {number} (good)", f"{p.name} pair {number} (bad)"]
     ids = _encode_all(tok, texts, names)
-    requests = [([tok.eot_id], x) for x in ids]
+    return [([tok.eot_id], x) for x in ids]
+
+def score_blimp(model, tok, paradigms: list[Paradigm], batch_tokens: int = 4096, progress=None) -> dict:
+    """`{paradigm: {term, field, pairs, correct, accuracy, windowed}}`: each pair right when log p(good) >= log p(bad);
+    `windowed`, the sentences longer than the model's context (scored in rows, where lm-eval refuses)."""
+    requests = _blimp_requests(tok, paradigms)
     scores = loglikelihoods(model, requests, batch_tokens, progress)
     results, at = {}, 0
     for p in paradigms:
@@ -347,12 +353,16 @@ def score_choices(model, tok, questions: list[dict], batch_tokens: int = 4096, p
                 windowed=windowed(requests, model.block_size))
 
 # %% ../nbs/13a_tasks.ipynb #ccb75743
-def text_bpb(model, tok, text: str, batch_tokens: int = 4096, progress=None) -> dict:
-    "Bits per UTF-8 byte of `text` as one document: the bits, the bytes counted, and the tokens predicted."
+def _text_ids(tok, text: str) -> list[int]:
+    "The ids of a whole text to score, or the error that its characters cannot be encoded."
     try:
-        ids = _ids(tok, text)
+        return _ids(tok, text)
     except TokenizerError as e:
         raise TaskError(f"the text cannot be encoded by this model's tokenizer: {e}") from None
+
+def text_bpb(model, tok, text: str, batch_tokens: int = 4096, progress=None) -> dict:
+    "Bits per UTF-8 byte of `text` as one document: the bits, the bytes counted, and the tokens predicted."
+    ids = _text_ids(tok, text)
     if tok.eot_id is not None:
         context, continuation = [tok.eot_id], ids
         counted = len(text.encode('utf-8'))
@@ -363,3 +373,127 @@ def text_bpb(model, tok, text: str, batch_tokens: int = 4096, progress=None) -> 
         raise TaskError("the text is too short to score: it needs a token after the first")
     bits = -loglikelihoods(model, [(context, continuation)], batch_tokens, progress)[0] / math.log(2)
     return dict(bpb=float(bits / counted), bits=float(bits), bytes=counted, tokens=len(continuation))
+
+# %% ../nbs/13a_tasks.ipynb #7a1c0e02
+TASKS = EVAL_TASKS   # blimp, choice, bpb: the names `tinylm_eval --task` and `eval_tasks` take
+
+def read_text_file(path) -> str:
+    "The text of a UTF-8 file, for the `bpb` task."
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TaskError(f"text file not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise TaskError(f"cannot read {path}: {e.strerror or e}") from None
+    if not text:
+        raise TaskError(f"{path} is empty: there is nothing to score")
+    return text
+
+def load_task(task: str, data, limit: int | None):
+    "The task's data, read and checked: BLiMP's (paradigms, references), the questions, or the text."
+    if task == 'blimp':
+        return load_blimp(data, limit)
+    if task == 'choice':
+        return load_choices(data, limit)
+    return read_text_file(data)
+
+def check_task(task: str, tok, data):
+    "Encode every question of the task: the error scoring would meet, raised now."
+    if task == 'blimp':
+        _blimp_requests(tok, data[0])
+    elif task == 'choice':
+        _choice_requests(tok, data)
+    else:
+        _text_ids(tok, data)
+
+def _windows_note(n: int, what: str) -> str:
+    "A line under the report when `n` texts were longer than the model's context."
+    if not n:
+        return ''
+    return (f"\nnote: {n:,} {what} longer than the model's context were scored in overlapping windows (lm-eval refuses "
+            "such texts, so these scores are tinylm's own)")
+
+def score_task(task: str, model, tok, data, batch_tokens: int = 4096, progress=None) -> tuple[dict, str]:
+    "The task's results and its report."
+    if task == 'blimp':
+        paradigms, references = data
+        results = score_blimp(model, tok, paradigms, batch_tokens, progress)
+        summary = blimp_summary(results, references)
+        pairs = sum(len(p.pairs) for p in paradigms)
+        long = sum(r['windowed'] for r in results.values())
+        head = f"BLiMP: {len(paradigms)} paradigm{'s' if len(paradigms) != 1 else ''}, {pairs:,} pairs"
+        report = head + '\n' + blimp_table(summary) + _windows_note(long, 'sentences')
+        return dict(paradigms=results, windowed=long, **summary), report
+    if task == 'choice':
+        r = score_choices(model, tok, data, batch_tokens, progress)
+        return r, (f"multiple choice: {r['questions']:,} questions, acc {100 * r['acc']:.1f}%, "
+                   f"acc_norm {100 * r['acc_norm']:.1f}%" + _windows_note(r['windowed'], 'choices'))
+    r = text_bpb(model, tok, data, batch_tokens, progress)
+    return r, f"bits per byte: {r['bpb']:.4f} ({r['bytes']:,} bytes, {r['tokens']:,} tokens predicted)"
+
+# %% ../nbs/13a_tasks.ipynb #7a1c0e05
+HEADLINE = {'blimp': 'accuracy', 'choice': 'acc', 'bpb': 'bpb'}   # each task's number in the console and plots
+
+def task_names(tasks, paths) -> list[str]:
+    "A name for each task of a run: the task's, or `task:file` where a task is asked twice."
+    names = []
+    for task, path in zip(tasks, paths):
+        twice = list(tasks).count(task) > 1
+        names.append(f"{task}:{Path(path).stem}" if twice else task)
+    if len(set(names)) < len(names):
+        raise TaskError(f"eval_tasks asks the same task twice on files of the same name: {', '.join(names)}")
+    return names
+
+def task_record(task: str, results: dict) -> dict:
+    "What a log keeps of a task's results: its headline number and what a plot of it needs."
+    if task == 'blimp':
+        return dict(accuracy=results['mean']['accuracy'], pairs=sum(r['pairs'] for r in results['paradigms'].values()),
+                    terms={term: row['accuracy'] for term, row in results['terms'].items()},
+                    paradigms={name: r['accuracy'] for name, r in results['paradigms'].items()})
+    if task == 'choice':
+        return dict(acc=results['acc'], acc_norm=results['acc_norm'], questions=results['questions'])
+    return dict(bpb=results['bpb'], bytes=results['bytes'])
+
+class TaskEvaluator(Hook):
+    """Score the config's `eval_tasks` every `eval_task_cadence` steps (0: `eval_cadence`'s) and at the end of a
+    completed run; every task's data is read, and its questions encoded, before step 1."""
+    order = 15   # after the validation loss (10), before sampling (20) and checkpoints (30)
+    def __init__(self, batch_tokens: int = 4096):
+        self.batch_tokens = batch_tokens   # ids per forward pass
+        self.tasks = {}                    # name -> (task, path, data), read at `before_fit`
+    def before_fit(self, t):
+        c = t.config
+        self.tasks = {}
+        if not c.eval_tasks:
+            return
+        if t.tokenizer is None:
+            raise TaskError("eval_tasks need the run's tokenizer to ask their questions")
+        limit = c.eval_task_limit or None
+        for name, task, path in zip(task_names(c.eval_tasks, c.eval_task_data), c.eval_tasks, c.eval_task_data):
+            try:
+                data = load_task(task, path, None if task == 'bpb' else limit)
+                check_task(task, t.tokenizer, data)
+            except TaskError as e:
+                raise TaskError(f"eval_tasks: {name}: {e}") from None
+            self.tasks[name] = (task, path, data)
+    def cadence(self, t) -> int:
+        return t.config.eval_task_cadence or t.config.eval_cadence
+    def after_step(self, t):
+        every = self.cadence(t)
+        if self.tasks and every and t.step % every == 0:
+            self.evaluate(t)
+    def after_fit(self, t):
+        scored = t.last_task_eval is not None and t.last_task_eval['step'] == t.step
+        if self.tasks and t.status == 'completed' and not scored:
+            self.evaluate(t)
+    def evaluate(self, t):
+        scores = {}
+        for name, (task, path, data) in self.tasks.items():
+            started = time.perf_counter()
+            results, _ = score_task(task, t.raw_model, t.tokenizer, data, self.batch_tokens)
+            scores[name] = dict(task=task, data=str(path), **task_record(task, results),
+                                seconds=time.perf_counter() - started)
+        t.record_task_eval(scores)

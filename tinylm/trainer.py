@@ -88,6 +88,7 @@ class Trainer:
         self.last_eval_step = None
         self.last_sample = None
         self.last_sample_step = None
+        self.last_task_eval = None              # the last evaluation of tasks: {'step', 'tasks'} (tasks chapter)
         # where the run comes from, and where it is kept
         self.data_sha256 = data_sha256          # the corpus's fingerprint
         self.corpus_facts = corpus_facts        # documents: how many, validating, empty; the packing
@@ -163,6 +164,11 @@ class Trainer:
     def record_checkpoint(self, path):
         "`path` is the run's newest complete checkpoint: the one errors and a stopped run name to resume from."
         self.last_checkpoint = Path(path)
+
+    def record_task_eval(self, tasks: dict):
+        "Keep the scores of an evaluation of tasks at this step, `{name: results}` (tasks chapter); `after_task_eval`."
+        self.last_task_eval = dict(step=self.step, tasks=tasks)
+        self.fire('after_task_eval')
 
     def set_schedule(self, decision: dict | None = None, **fields):
         """Change the run's length or learning-rate schedule (`max_steps`, `lr_decay_steps`, `warmup_steps`,
