@@ -166,6 +166,9 @@ class TrainingConfig:
 
     def __post_init__(self):
         for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) and typing.get_origin(_hints()[f.name]) is tuple:
+                object.__setattr__(self, f.name, tuple(value))   # a list from JSON: the config stays hashable
             _check_type(f.name, getattr(self, f.name), _hints()[f.name])
         _check_values(self)
 
