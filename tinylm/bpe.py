@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .tokenizer import Tokenizer, TokenizerError, _TokenizerBase, _as_ids, _encoded, EOT
+from .tokenizer import Tokenizer, TokenizerError, _TokenizerBase, _as_ids, _encoded, EOT, added_specials
 
 # %% auto #0
 __all__ = ['PIECE_CHARS', 'SAMPLE_CHARS', 'MIN_VOCAB', 'GPT2_SPLIT', 'iter_pieces', 'text_pieces', 'safe_end', 'BPETokenizer',
@@ -90,8 +90,11 @@ class BPETokenizer(_TokenizerBase):
         self._tok.encode_special_tokens = True   # text never encodes to a special token: only documents' joins do
         self._fast = None          # tiktoken's encoder of the same ids, once checked against the library's (below)
         self._fast_checked = False
-        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        added = sorted(self._tok.get_added_tokens_decoder().items())   # (id, token), in id order
+        special = {t.content for _, t in added if t.special}
         self.eot_id = self._tok.token_to_id(EOT) if EOT in special else None
+        self.special_ids = {t.content: i for i, t in added if t.special}
+        self.specials = tuple(name for name in self.special_ids if name != EOT)
         table = _byte_decoder() if self.byte_level else None
         self.token_bytes = []
         for i in range(self.vocab_size):
@@ -153,6 +156,20 @@ class BPETokenizer(_TokenizerBase):
         return safe_end(text)
     def __repr__(self):
         return f"BPETokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+    def with_specials(self, names) -> BPETokenizer:
+        "This tokenizer with the special tokens `names` after its own ids (those it has keep theirs); `EOT` may be one."
+        eot, new = added_specials(self, names)
+        new = ([EOT] if eot and self.eot_id is None else []) + new
+        if not new:
+            return self
+        tok = _library().Tokenizer.from_str(self.json)
+        tok.add_special_tokens(new)   # after every id it has
+        grown = BPETokenizer(tok.to_str(), self.source)
+        if [grown.special_ids.get(name) for name in new] != list(range(self.vocab_size, grown.vocab_size)):
+            raise TokenizerError(f"{self.source} already has {', '.join(new)} as text tokens: they cannot become "
+                                 "special tokens after its ids")
+        return grown
 
 # %% ../nbs/02_tokenization.ipynb #113b0f38
 @patch

@@ -82,7 +82,8 @@ _CHOICES = {'precision': ('auto', 'float32', 'bfloat16', 'float16'), 'progress':
             'activation': ('gelu', 'gelu_tanh', 'relu2'),
             'optimizer': ('adamw', 'muon'), 'lr_schedule': ('cosine', 'wsd'),
             'muon_ns_coefficients': ('muon', 'polar_express'), 'muon_ns_dtype': ('auto', 'float32', 'bfloat16'),
-            'packing': ('stream', 'document')}
+            'packing': ('stream', 'document'), 'data_format': ('auto', 'documents', 'conversations'),
+            'chat_loss': ('assistant', 'all')}
 EVAL_TASKS = ('blimp', 'choice', 'bpb')   # what `eval_tasks` may name: the tasks chapter scores them
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class TrainingConfig:
     val_fraction: float = 0.05       # the last 5% of a text (5% of the documents' bytes) is the validation split
     text_field: str = 'text'         # documents: the JSON field or Parquet column that holds each one's text
     packing: str = 'stream'          # stream (windows anywhere) | document (rows begin at a document's start)
+    data_format: str = 'auto'        # auto (JSON Lines with `messages` are conversations) | documents | conversations
+    chat_loss: str = 'assistant'     # conversations: the loss counts the assistant's tokens | all tokens
     max_steps: int = 2000            # total optimizer steps of the run
     time_budget: str = ''            # e.g. 10m: train this long (training only); its first steps' speed sets the steps
     batch_size: int = 12             # global sequences per micro-step
@@ -396,13 +399,15 @@ def load_config(path_or_name, base: TrainingConfig | None = None) -> TrainingCon
         raise ConfigError(msg if msg.startswith(src) else f"{src}: {msg}") from None
 
 # %% ../nbs/00_config.ipynb #c152a4b0
-HASH_EXCLUDED = frozenset({'data_path', 'text_field', 'out_dir', 'progress', 'tensorboard', 'keep_checkpoints',
-                           'max_steps', 'log_cadence', 'eval_cadence', 'sampling_cadence', 'checkpoint_cadence',
+HASH_EXCLUDED = frozenset({'data_path', 'text_field', 'data_format', 'out_dir', 'progress', 'tensorboard',
+                           'keep_checkpoints', 'max_steps', 'log_cadence', 'eval_cadence', 'sampling_cadence',
+                           'checkpoint_cadence',
                            'eval_tasks', 'eval_task_data', 'eval_task_cadence', 'eval_task_limit'})
 # fields added after tinylm 0.1.0: hashed only when set, so the runs that do not use them keep their hash
 HASH_IF_SET = frozenset({'tokenizer', 'bpe_vocab_size', 'muon_ns_steps', 'muon_ns_coefficients', 'muon_ns_dtype',
                          'muon_split_qkv', 'depth', 'tokens_per_param', 'time_budget', 'logit_softcap',
-                         'value_embeds', 'x0_skip', 'smear', 'bigram_buckets', 'normuon', 'deterministic', 'packing'})
+                         'value_embeds', 'x0_skip', 'smear', 'bigram_buckets', 'normuon', 'deterministic', 'packing',
+                         'chat_loss'})
 
 def config_hash(config: TrainingConfig, length: int = 12, tokenizer_sha256: str | None = None) -> str:
     "A short stable hash of the fields that can change what a run computes, and of a non-character vocabulary."

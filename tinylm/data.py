@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, DataLoader
 from .corpus import DataError, DEFAULT_CORPUS, load_text, text_sha256, _mix  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['split_corpus', 'WindowDataset', 'KeyedPermutation', 'check_world_batch', 'StreamState', 'EpochBatchSampler',
+__all__ = ['IGNORE', 'split_corpus', 'WindowDataset', 'KeyedPermutation', 'check_world_batch', 'StreamState', 'EpochBatchSampler',
            'EvalBatchSampler', 'passthrough_collate', 'train_sampler', 'make_dataloaders', 'DocumentBatchSampler']
 
 # %% ../nbs/04_data.ipynb #464bf616
@@ -76,13 +76,20 @@ def _keep_mapped(t: torch.Tensor, dtype: torch.dtype, hi: int) -> torch.Tensor:
         return t
     return t.to(dtype)
 
+IGNORE = -1   # a target the loss does not count (the model's cross-entropy ignores it)
+
 class WindowDataset(Dataset):
     """Windows of `block_size + 1` consecutive ids; item `i` is `(ids[i:i+T], ids[i+1:i+T+1])` as int64. For a corpus
-    of documents, `documents` holds where each begins."""
-    def __init__(self, ids, block_size: int, name: str = 'train', vocab_size: int | None = None, documents=None):
+    of documents, `documents` holds where each begins; with `counted` (one bool per id), a target that does not count
+    is `IGNORE` in `y`."""
+    def __init__(self, ids, block_size: int, name: str = 'train', vocab_size: int | None = None, documents=None,
+                 counted=None):
         self.block_size = _check_int('block_size', block_size, 1)
         self.name = name
         self.documents = None if documents is None else np.asarray(documents, dtype=np.int64)
+        self.counted = None if counted is None else torch.as_tensor(np.asarray(counted, dtype=bool))
+        if self.counted is not None and len(self.counted) != len(ids):
+            raise DataError(f"the {name} split has {len(ids)} tokens but {len(self.counted)} counted flags")
         t = _as_tensor(ids, name)
         n, need = len(t), self.block_size + 1
         if n < need:
@@ -115,16 +122,14 @@ class WindowDataset(Dataset):
         if not -n <= i < n:
             raise IndexError(f"window {i} out of range for the {self.name} split ({n} windows)")
         i %= n
-        w = self.data[i:i + self.block_size + 1].long()
-        return w[:-1], w[1:]
+        return self._pair(self.data[i:i + self.block_size + 1].long(), torch.arange(i, i + self.block_size + 1))
 
     def __getitems__(self, indices):
         """A whole batch `(X, Y)`, each int64 of shape `(len(indices), block_size)`, gathered in one go: `indices` are
         window starts, or (2-D) the token positions of each row."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         if idx.ndim == 2 and idx.shape[1] == self.block_size + 1:
-            w = self.data[idx].long()                          # packed rows: their positions, given
-            return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+            return self._pair(self.data[idx].long(), idx)     # packed rows: their positions, given
         if idx.ndim != 1:
             raise IndexError(f"batch indices must be window starts (1-D) or rows of {self.block_size + 1} token "
                              f"positions, got shape {tuple(idx.shape)}")
@@ -132,8 +137,15 @@ class WindowDataset(Dataset):
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
             bad = int(idx[(idx < 0) | (idx >= n)][0])
             raise IndexError(f"window {bad} out of range for the {self.name} split ({n} windows)")
-        w = self.data[idx[:, None] + self._offsets].long()   # (B, T+1): every token of every window at once
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        positions = idx[:, None] + self._offsets            # (B, T+1): every token of every window at once
+        return self._pair(self.data[positions].long(), positions)
+
+    def _pair(self, w: torch.Tensor, positions: torch.Tensor):
+        "`(x, y)` of the windows `w` (`(..., T+1)` ids at `positions`): `y` is `IGNORE` where a target does not count."
+        x, y = w[..., :-1].contiguous(), w[..., 1:].contiguous()
+        if self.counted is not None:
+            y.masked_fill_(~self.counted[positions[..., 1:]], IGNORE)
+        return x, y
 
     def __repr__(self):
         return (f"WindowDataset(name={self.name!r}, tokens={len(self.data):,}, block_size={self.block_size}, "

@@ -12,7 +12,8 @@ from .config import TinyLMError, BUNDLED_CORPUS, resolve_data_path, os_error_cau
 
 # %% auto #0
 __all__ = ['DEFAULT_CORPUS', 'CHUNK_BYTES', 'FORMATS', 'COMPRESSIONS', 'SUPPORTED', 'ZSTD_READ', 'PARQUET_ROWS', 'DataError',
-           'file_format', 'corpus_files', 'has_documents', 'CorpusReader', 'load_text', 'text_sha256', 'DocumentReader']
+           'file_format', 'corpus_files', 'has_documents', 'CorpusReader', 'load_text', 'text_sha256', 'json_record',
+           'jsonl_lines', 'DocumentReader']
 
 # %% ../nbs/02a_documents.ipynb #0aa79663
 class DataError(TinyLMError, ValueError):
@@ -272,16 +273,20 @@ def _record_text(line: bytes, f: Path, n: int, field: str) -> str:
             return obj[field]
     return _record_checked(line, f, n, field)
 
-def _record_checked(line: bytes, f: Path, n: int, field: str) -> str:
-    "`_record_text` by the standard library: the text, or the error that says what is wrong with line `n`."
+def json_record(line: bytes, f: Path, n: int):
+    "The JSON value of line `n` of the JSON Lines file `f`, or the error that says why it is none."
     try:
-        obj = json.loads(line.decode('utf-8'))
+        return json.loads(line.decode('utf-8'))
     except UnicodeDecodeError as e:
         raise DataError(f"{f} line {n}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{f} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
     except ValueError as e:   # valid syntax that Python refuses, e.g. an integer of more than 4,300 digits
         raise DataError(f"{f} line {n}: not usable JSON ({str(e)[:200]})") from None
+
+def _record_checked(line: bytes, f: Path, n: int, field: str) -> str:
+    "`_record_text` by the standard library: the text, or the error that says what is wrong with line `n`."
+    obj = json_record(line, f, n)
     if not isinstance(obj, dict):
         raise DataError(f"{f} line {n}: a JSON {_json_type(obj)}, not an object with a {field!r} field")
     if field not in obj:
@@ -293,8 +298,8 @@ def _record_checked(line: bytes, f: Path, n: int, field: str) -> str:
         raise DataError(f"{f} line {n}: the {field!r} field is a JSON {_json_type(text)}, not a string")
     return text
 
-def _jsonl_texts(f: Path, field: str, size: int):
-    "Yield `(text, n, done)` for each record of the JSON Lines file `f`: its text, its line number, bytes read."
+def jsonl_lines(f: Path, size: int):
+    "Yield `(line, n, done)` for each line of the JSON Lines file `f` that is not blank: its bytes, number, bytes read."
     n, carry, done = 0, b'', 0
     for block, done in _blocks(f, size):
         lines = (carry + block).split(b'\n')
@@ -304,9 +309,14 @@ def _jsonl_texts(f: Path, field: str, size: int):
             if n == 1 and line.startswith(b'\xef\xbb\xbf'):
                 line = line[3:]      # a byte-order mark
             if line.strip():
-                yield _record_text(line, f, n, field), n, done
+                yield line, n, done
     if carry.strip():
-        yield _record_text(carry if n else carry.removeprefix(b'\xef\xbb\xbf'), f, n + 1, field), n + 1, done
+        yield (carry if n else carry.removeprefix(b'\xef\xbb\xbf')), n + 1, done
+
+def _jsonl_texts(f: Path, field: str, size: int):
+    "Yield `(text, n, done)` for each record of the JSON Lines file `f`: its text, its line number, bytes read."
+    for line, n, done in jsonl_lines(f, size):
+        yield _record_text(line, f, n, field), n, done
 
 def _pyarrow(f: Path):
     try:

@@ -97,11 +97,19 @@ def budget_line(t, decision: dict, volatile: bool = True, decaying: bool = False
     return None
 
 def corpus_line(facts: dict) -> str:
-    "The console's line for a corpus of documents: how many, how many validate, the empty ones, and the packing."
-    empty = f"; {facts['empty_documents']:,} empty, skipped" if facts['empty_documents'] else ''
+    """The console's line for a corpus of documents (how many, how many validate, the empty ones, and the packing) or
+    of conversations (the same, those cut or dropped, and the share of targets the loss counts)."""
     kept = f" (its rows hold {facts['kept']:.1%} of the tokens; the rest is cropped)" if 'kept' in facts else ''
+    packing = f"packing: {facts['packing']}{kept}"
+    if 'conversations' in facts:
+        cut, dropped = facts['cut_conversations'], facts['dropped_conversations']
+        fitted = f"; {cut:,} cut at a turn and {dropped:,} dropped to fit the context" if cut or dropped else ''
+        return (f"corpus: {facts['conversations']:,} conversations ({facts['val_conversations']:,} of them for "
+                f"validation{fitted}) | loss on {facts['chat_loss']} tokens: {facts['counted']:.1%} of the targets | "
+                f"{packing}")
+    empty = f"; {facts['empty_documents']:,} empty, skipped" if facts['empty_documents'] else ''
     return (f"corpus: {facts['documents']:,} documents ({facts['val_documents']:,} of them for validation{empty}) | "
-            f"packing: {facts['packing']}{kept}")
+            f"{packing}")
 
 def task_numbers(record: dict) -> list[str]:
     "The numbers of a task's scores that a console line, TensorBoard and a plot show."

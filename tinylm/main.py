@@ -17,6 +17,7 @@ from .tokenizer import Tokenizer
 from .bpe import BPETokenizer, tokenizer_from_state
 from .corpus import (prepare_corpus, show_progress, corpus_files, has_documents, CorpusReader, DocumentReader,
                            Corpus)
+from .conversations import is_conversations, prepare_conversations, counted_targets
 from .data import split_corpus, WindowDataset, make_dataloaders, DataError, DocumentBatchSampler
 from .model import build_model
 from .device import compile_model
@@ -34,10 +35,10 @@ from .cli import int_or, CLIParser, run_command, exit_with, say
 # %% auto #0
 __all__ = ['RESUMABLE_FIELDS', 'SHAPE_FIELDS', 'make_parser', 'cli_overrides', 'configure', 'build_config', 'resumed_config',
            'InitError', 'InitSource', 'weights_sha256', 'InitReader', 'read_init_source', 'init_config',
-           'seed_everything', 'standard_hooks', 'load_hook', 'RunData', 'document_facts', 'prepare_data',
-           'check_fresh_out_dir', 'clear_run', 'check_vocabulary', 'given_tokenizer', 'prepare_run_data',
-           'check_same_corpus', 'new_model', 'build_trainer', 'RunOutcome', 'TrainSession', 'stopped_message', 'main',
-           'cli']
+           'seed_everything', 'standard_hooks', 'load_hook', 'RunData', 'document_facts', 'reads_conversations',
+           'conversation_data', 'prepare_data', 'check_fresh_out_dir', 'clear_run', 'check_vocabulary',
+           'given_tokenizer', 'prepare_run_data', 'check_same_corpus', 'grown_state', 'init_record', 'new_model',
+           'build_trainer', 'RunOutcome', 'TrainSession', 'stopped_message', 'main', 'cli']
 
 # %% ../nbs/16_main.ipynb #49c9c900
 def make_parser() -> argparse.ArgumentParser:
@@ -272,10 +273,34 @@ def document_facts(corpus: Corpus, config: TrainingConfig) -> dict | None:
     return dict(documents=len(corpus.documents), val_documents=val, empty_documents=corpus.empty_documents,
                 packing=config.packing)
 
+def reads_conversations(config: TrainingConfig) -> bool:
+    "Whether the run's corpus is conversations: `data_format` says so, or (auto) its first record holds `messages`."
+    if config.data_format != 'auto':
+        return config.data_format == 'conversations'
+    return is_conversations(corpus_files(config.data_path))
+
+def conversation_data(config: TrainingConfig, tokenizer=None) -> RunData:
+    """`prepare_data` for conversations: each split's targets flagged (with `chat_loss: assistant`) by whether the loss
+    counts them, and the share that does in the facts."""
+    corpus, facts = prepare_conversations(corpus_files(config.data_path), config.data_path, tokenizer,
+                                          kind=config.tokenizer, vocab_size=config.bpe_vocab_size,
+                                          val_fraction=config.val_fraction, block_size=config.block_size)
+    tok, s = corpus.tokenizer, corpus.split_at
+    counted = counted_targets(corpus.ids, tok) if config.chat_loss == 'assistant' else None
+    flags = (None, None) if counted is None else (counted[:s], counted[s:])
+    share = 1.0 if counted is None else float(counted[1:s].mean())   # the targets of the training split
+    facts.update(chat_loss=config.chat_loss, counted=round(share, 4), packing=config.packing)
+    train = WindowDataset(corpus.ids[:s], config.block_size, 'train', tok.vocab_size, documents=corpus.documents[
+        corpus.documents < s], counted=flags[0])
+    val = WindowDataset(corpus.ids[s:], config.block_size, 'val', tok.vocab_size, counted=flags[1])
+    return RunData(tok, train, val, corpus.sha256, facts)
+
 def prepare_data(config: TrainingConfig, tokenizer: Tokenizer | None = None, progress=None) -> RunData:
     "Tokenize (or memory-map) and split the corpus: the `RunData`, which unpacks as (tokenizer, train, val, sha256)."
     if tokenizer is None and config.tokenizer not in ('char', 'bpe'):   # the path of a tokenizer.json
         tokenizer = BPETokenizer.from_file(config.tokenizer)
+    if reads_conversations(config):
+        return conversation_data(config, tokenizer)
     corpus = prepare_corpus(config.data_path, tokenizer, progress, kind=config.tokenizer,
                             vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction,
                             text_field=config.text_field)
@@ -339,7 +364,7 @@ def prepare_run_data(config: TrainingConfig, given, dist: DistInfo, progress=Non
     try:
         prepared = prepare_data(config, given, progress)
     except DataError:
-        if init is not None and isinstance(given, Tokenizer):
+        if init is not None and isinstance(given, Tokenizer) and not reads_conversations(config):
             check_vocabulary(config.data_path, given, init.path, config.text_field)
         raise
     if first_here:
@@ -353,13 +378,38 @@ def check_same_corpus(config: TrainingConfig, ckpt: dict, sha: str, allow_data_c
         raise DataError(f"{config.data_path} differs from the corpus the checkpoint was trained on "
                         f"(sha256 {sha[:12]}… vs {saved[:12]}…); pass --allow-data-change to continue on it anyway")
 
+def grown_state(state: dict, new: dict) -> dict:
+    """`state` for a model with more tokens (`new`: its state dict): every tensor indexed by token (the embedding, the
+    head) gets the new rows, each the mean of its old rows."""
+    out = dict(state)
+    for name, t in state.items():
+        want = new.get(name)
+        if want is None or t.dim() == 0 or want.shape[1:] != t.shape[1:] or want.shape[0] <= t.shape[0]:
+            continue
+        mean = t.float().mean(0, keepdim=True).to(t.dtype)
+        out[name] = torch.cat([t, mean.expand(want.shape[0] - t.shape[0], *t.shape[1:])])
+    return out
+
+def init_record(init: InitSource, tok) -> dict:
+    "What `run_start` and the checkpoints record of the weights a run starts from, and of the tokens it added to them."
+    record = init.record()
+    added = [name for name in tok.special_ids if name not in init.tokenizer.special_ids]
+    if added:
+        record.update(added_tokens=added, vocab_size=[init.tokenizer.vocab_size, tok.vocab_size],
+                      new_rows='the mean of the old rows')
+    return record
+
 def new_model(config: TrainingConfig, vocab_size: int, init: InitSource | None = None):
-    "A new run's network, drawn from `config.seed` (alike on every rank), then given `init`'s weights if any."
+    """A new run's network, drawn from `config.seed` (alike on every rank), then given `init`'s weights if any (grown
+    by the rows of the tokens a fine-tune adds)."""
     seed_everything(config.seed)   # the same seed on every rank: identical weights and random streams
     model = build_model(vocab_size, config)   # the random init still draws: the streams after it are the seed's
     if init is not None:
+        state = init.state
+        if vocab_size > init.tokenizer.vocab_size:
+            state = grown_state(state, model.state_dict())
         try:
-            model.load_state_dict(init.state)
+            model.load_state_dict(state)
         except RuntimeError as e:
             raise InitError(f"--init-from {init.path}: the weights do not fit the model: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
@@ -393,7 +443,7 @@ def build_trainer(config: TrainingConfig, ckpt: dict | None = None, hooks=None, 
     model = new_model(config, tok.vocab_size, init).to(device)
     optimizer = create_optimizer(model, config)
     trainer = Trainer(wrap(model), optimizer, config, val_dl, tok, hooks, device=device, data_sha256=sha,
-                      init_from=None if init is None else init.record(), budget_probe=probe,
+                      init_from=None if init is None else init_record(init, tok), budget_probe=probe,
                       corpus_facts=data.facts, **ranks)
     return trainer, train_dl
 

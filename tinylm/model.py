@@ -214,9 +214,10 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None, cache=None):
-        """Logits (B, T, vocab_size) for every position; mean cross-entropy against `targets` (B, T) if given, else
-        None. With a `cache` (generation): the positions follow the cached ones, and only the last one gets logits."""
+    def forward(self, idx, targets=None, cache=None, reduction: str = 'mean'):
+        """Logits (B, T, vocab_size) for every position; cross-entropy against `targets` (B, T) if given, else None: the
+        mean over the targets that count (a target of -1 does not), or with `reduction='sum'` their sum. With a `cache`
+        (generation): the positions follow the cached ones, and only the last one gets logits."""
         if idx.dim() != 2:
             raise ModelError(f"idx must have shape (batch, time), got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -237,7 +238,8 @@ class Transformer(nn.Module):
             return logits, None
         if targets.shape != idx.shape:
             raise ModelError(f"targets must have the same shape as idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
         return logits, loss
 
     def _embed(self, idx, cache=None):

@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .config import TinyLMError
 
 # %% auto #0
-__all__ = ['EOT', 'TokenizerError', 'Tokenizer']
+__all__ = ['EOT', 'TokenizerError', 'check_specials', 'added_specials', 'Tokenizer']
 
 # %% ../nbs/01_tokenizer.ipynb #387885ae
 class TokenizerError(TinyLMError, ValueError):
@@ -29,6 +29,7 @@ class _TokenizerBase:
     holds_out: bool = False  # trained on a corpus's training part only, which is encoded apart (chapter 3)
     _state_key: str = ''     # where its saved state keeps `to_str()`
     eot_id: int | None = None   # the id of the end-of-text token, or None: a tokenizer for one unbroken text
+    specials: tuple[str, ...] = ()   # the names of more special tokens (a chat's markers), their ids after eot_id's
 
     def _identity(self) -> str:
         "Everything that tells this tokenizer from another, as one str: `to_str()` unless a kind holds more."
@@ -45,6 +46,30 @@ class _TokenizerBase:
         return self.kind == other.kind and self._identity() == other._identity()
     def __hash__(self):
         return hash(self.sha256)
+
+def check_specials(names, eot: bool) -> tuple[str, ...]:
+    "`names` of special tokens after the end-of-text token, checked: distinct non-empty strs, and an `eot` to follow."
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TokenizerError(f"special tokens are a list of names, got {type(names).__name__}")
+    names = tuple(names)
+    if names and not eot:
+        raise TokenizerError(f"special tokens follow the end-of-text token: a tokenizer with them needs one (eot=True, "
+                             f"or {EOT} first among the names added)")
+    for name in names:
+        if not isinstance(name, str) or not name or name == EOT:
+            raise TokenizerError(f"a special token's name must be a non-empty str other than {EOT}, got {name!r}")
+    if len(set(names)) != len(names):
+        raise TokenizerError(f"special tokens must be distinct, got {list(names)}")
+    return names
+
+def added_specials(tok, names) -> tuple[bool, list[str]]:
+    """What `tok.with_specials(names)` adds: whether the result has an end-of-text token (`names` may add it), and the
+    other names `tok` lacks, in order."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TokenizerError(f"special tokens are a list of names, got {type(names).__name__}")
+    eot = tok.eot_id is not None or EOT in names
+    others = check_specials([name for name in names if name != EOT], eot)
+    return eot, [name for name in others if name not in tok.special_ids]
 
 # %% ../nbs/01_tokenizer.ipynb #9bb3c53e
 def _codepoints(text: str, offset: int = 0) -> np.ndarray:
@@ -72,9 +97,9 @@ def _describe(c: str) -> str:
 # %% ../nbs/01_tokenizer.ipynb #82f50d20
 class Tokenizer(_TokenizerBase):
     """Character-level tokenizer: the id of a character is its index in the sorted, unique string `chars`; with `eot`,
-    one more id, after them, is the end-of-text token."""
+    one more id, after them, is the end-of-text token, and `specials` name more special tokens after it."""
     kind, _state_key = 'char', 'chars'
-    def __init__(self, chars: str, eot: bool = False):
+    def __init__(self, chars: str, eot: bool = False, specials: tuple[str, ...] = ()):
         if not isinstance(chars, str):
             raise TokenizerError(f"the vocabulary must be a str of characters, got {type(chars).__name__}")
         if not chars:
@@ -93,6 +118,7 @@ class Tokenizer(_TokenizerBase):
         self._cps = _codepoints(chars)   # id -> code point (uint32), used by decode
         n = len(chars)
         self.eot_id = n if eot else None   # the id after the characters': no character's id moves
+        self.specials = check_specials(specials, eot)   # and theirs after it: no earlier id moves
         self.dtype = _id_dtype(self.vocab_size)
         # code point -> id, -1 = not in the vocabulary; the last slot is the sentinel for everything larger
         self._table = np.full(int(self._cps.max()) + 2, -1, dtype=np.int32)
@@ -143,22 +169,31 @@ class Tokenizer(_TokenizerBase):
         return self._chars
     @property
     def vocab_size(self) -> int:
-        return len(self._chars) + (self.eot_id is not None)
+        return len(self._chars) + (self.eot_id is not None) + len(self.specials)
+    @property
+    def special_ids(self) -> dict[str, int]:
+        "Each special token's name -> its id: the end-of-text token's, then the others'."
+        if self.eot_id is None:
+            return {}
+        return {name: self.eot_id + i for i, name in enumerate((EOT, *self.specials))}
     def to_str(self) -> str:
         return self._chars
     def _identity(self) -> str:
         # a sorted vocabulary never holds '\x00' after other characters: no other tokenizer has this identity
-        return self._chars if self.eot_id is None else f"{self._chars}\x00{EOT}"
+        if self.eot_id is None:
+            return self._chars
+        return self._chars + ''.join(f"\x00{name}" for name in self.special_ids)
     @cached_property
     def token_bytes(self) -> list[bytes]:
-        "The UTF-8 bytes of each id's text: the end-of-text token stands for none."
-        return [c.encode('utf-8') for c in self._chars] + ([b''] if self.eot_id is not None else [])
+        "The UTF-8 bytes of each id's text: a special token stands for none."
+        return [c.encode('utf-8') for c in self._chars] + [b''] * len(self.special_ids)
     def safe_cut(self, text: str) -> int:
         "Where `text` can be cut and its parts encoded apart with the ids of the whole: anywhere, one id per character."
         return len(text)
     def __repr__(self):
         eot = f", eot_id={self.eot_id}" if self.eot_id is not None else ''
-        return f"Tokenizer(vocab_size={self.vocab_size}{eot})"
+        more = f", specials={list(self.specials)}" if self.specials else ''
+        return f"Tokenizer(vocab_size={self.vocab_size}{eot}{more})"
 
 # %% ../nbs/01_tokenizer.ipynb #3cadb917
 @patch
@@ -211,10 +246,9 @@ def _as_ids(ids, vocab_size: int | None = None, unit: str = 'tokens') -> np.ndar
 
 @patch
 def decode(self: Tokenizer, ids) -> str:
-    "The text of `ids` (list/tuple of ints, numpy array or 1-D torch tensor); the end-of-text token has none."
+    "The text of `ids` (list/tuple of ints, numpy array or 1-D torch tensor); a special token has none."
     arr = _as_ids(ids, self.vocab_size, 'characters')
-    if self.eot_id is not None:
-        arr = arr[arr != self.eot_id]
+    arr = arr[arr < len(self._chars)]   # the special tokens' ids come after the characters'
     return self._cps[arr].tobytes().decode('utf-32-le')
 
 # %% ../nbs/01_tokenizer.ipynb #ecea14f1
@@ -228,8 +262,13 @@ def default_prompt(self: Tokenizer) -> str:
 # %% ../nbs/01_tokenizer.ipynb #70c2899d
 @patch
 def _state_extra(self: _TokenizerBase) -> dict:
-    "What a kind's saved state holds beside `to_str()`: for characters with an end-of-text token, the token."
-    return {'version': 2, 'eot': EOT} if self.kind == 'char' and self.eot_id is not None else {}
+    """What a kind's saved state holds beside `to_str()`: for characters with an end-of-text token, the token (version
+    2), and the names of more special tokens (version 3)."""
+    if self.kind != 'char' or self.eot_id is None:
+        return {}
+    if self.specials:
+        return {'version': 3, 'eot': EOT, 'specials': list(self.specials)}
+    return {'version': 2, 'eot': EOT}
 
 @patch
 def state_dict(self: _TokenizerBase) -> dict:
@@ -244,17 +283,27 @@ def from_state_dict(cls: _TokenizerBase, d):
     if d.get('kind') != cls.kind:
         raise TokenizerError(f"tokenizer state has kind {d.get('kind')!r}, expected {cls.kind!r} (a {cls.__name__})")
     version = d.get('version', 1)
-    if version not in (1, 2) or (version == 2) != ('eot' in d):
-        raise TokenizerError(f"tokenizer state has version {version!r}; this tinylm reads version 1, and version 2 "
-                             "with an end-of-text token")
+    if version not in (1, 2, 3) or (version >= 2) != ('eot' in d) or (version == 3) != ('specials' in d):
+        raise TokenizerError(f"tokenizer state has version {version!r}; this tinylm reads version 1, version 2 "
+                             "with an end-of-text token, and version 3 with more special tokens")
     if d.get('eot', EOT) != EOT:
         raise TokenizerError(f"tokenizer state names the end-of-text token {d['eot']!r}; tinylm's is {EOT!r}")
     key = cls._state_key
     if key not in d:
         raise TokenizerError(f"tokenizer state is missing {key!r} (the vocabulary)")
+    specials = d.get('specials', [])
+    if not isinstance(specials, list):
+        raise TokenizerError(f"tokenizer state's 'specials' must be a list of names, got {type(specials).__name__}")
     if 'eot' in d:
-        return cls(d[key], eot=True)
+        return cls(d[key], eot=True, specials=tuple(specials))
     return cls(d[key])
+
+# %% ../nbs/01_tokenizer.ipynb #5c1a7e20
+@patch
+def with_specials(self: Tokenizer, names) -> Tokenizer:
+    "This tokenizer with the special tokens `names` after its own (those it has keep their ids); `EOT` may be one."
+    eot, new = added_specials(self, names)
+    return Tokenizer(self.chars, eot, self.specials + tuple(new))
 
 # %% ../nbs/01_tokenizer.ipynb #fe0432b1
 @patch

@@ -21,6 +21,7 @@ from .optim import create_optimizer, lr_at, set_lr
 from .device import (pick_device, autocast, to_device, unwrap_model, fork_rng, synchronize, machine_kind,
                            grad_scaler, choose_precision, resumed_precision)
 from .distributed import mean_over_ranks, reduce_over_ranks, all_ranks_agree, agree_on_stop
+from .data import IGNORE
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError, atomic_save,
                                atomic_write, capture_rng, restore_rng, load_checkpoint, check_resumable,
                                find_checkpoints, model_from_checkpoint, nonfinite_tensors, scaler_state, gather_rng)
@@ -89,6 +90,7 @@ class Trainer:
         self.last_sample = None
         self.last_sample_step = None
         self.last_task_eval = None              # the last evaluation of tasks: {'step', 'tasks'} (tasks chapter)
+        self.counts_targets = False             # some targets do not count (IGNORE): the loss divides by a count
         # where the run comes from, and where it is kept
         self.data_sha256 = data_sha256          # the corpus's fingerprint
         self.corpus_facts = corpus_facts        # documents: how many, validating, empty; the packing
@@ -196,6 +198,20 @@ def _check_finite(self: Trainer, loss: float):
     raise TrainingDiverged(f"the loss became {loss} at step {self.step}; try a lower learning_rate "
                            f"(or more warmup_steps) and {last}")
 
+def _counts_targets(loader) -> bool:
+    "Whether the batches of `loader` hold targets that do not count (its dataset has `counted` flags)."
+    return getattr(getattr(loader, 'dataset', None), 'counted', None) is not None
+
+@patch
+def _target_scale(self: Trainer, micro: list) -> float:
+    """What each micro-batch's *sum* of losses is multiplied by, so that the step's gradient is that of the mean over
+    the counted targets of the whole global batch: every micro-batch of every rank divided by one count, times the
+    number of ranks (DDP averages the ranks' gradients)."""
+    count = torch.stack([(y != IGNORE).sum() for _, y in micro]).sum()
+    if self.world_size > 1:
+        count = reduce_over_ranks(count)   # every rank's counted targets, added up
+    return self.world_size / max(int(count), 1)
+
 @patch
 def training_step(self: Trainer, batch):
     "One optimizer step on `batch` (an `(x, y)` pair or a list of micro-batch pairs); returns the detached loss."
@@ -211,17 +227,18 @@ def training_step(self: Trainer, batch):
     if not self.model.training:
         self.model.train()   # walking the module tree every step costs ~0.1 ms
     total = torch.zeros((), device=self.device)
+    scale = self._target_scale(micro) if self.counts_targets else None
     for i, (x, y) in enumerate(micro):
         with self.phase('data'):
             x, y = to_device(x, self.device), to_device(y, self.device)
         sync = self.model.no_sync() if i < len(micro) - 1 and hasattr(self.model, 'no_sync') else nullcontext()
         with sync:
             with self.phase('forward'), autocast(self.device, self.precision):
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y) if scale is None else self.model(x, y, reduction='sum')
             with self.phase('backward'):
-                part = loss / len(micro)
+                part = loss / len(micro) if scale is None else loss * scale
                 (part if self.scaler is None else self.scaler.scale(part)).backward()
-        total += loss.detach().float() / len(micro)
+        total += loss.detach().float() / len(micro) if scale is None else loss.detach().float() * scale
     with self.phase('optimizer'):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)   # clip the true gradients
@@ -255,6 +272,7 @@ def evaluate(self: Trainer, n_batches: int | None = None) -> float:
     was_training = self.model.training
     self.model.eval()
     counts = TextCounts(self.tokenizer) if self.tokenizer is not None else None   # exact integers, apart from sums
+    counted = _counts_targets(self.val_dataloader)
     try:
         with fork_rng(self.device):
             sums = torch.zeros(2, device=self.device)   # (loss x tokens, tokens)
@@ -263,11 +281,16 @@ def evaluate(self: Trainer, n_batches: int | None = None) -> float:
                     break
                 if len(x) == 0:
                     continue   # a rank's share of a short last batch can be empty
+                scored = y[y != IGNORE] if counted else y   # the targets that count
                 with autocast(self.device, self.precision):
-                    _, loss = self.model(to_device(x, self.device), to_device(y, self.device))
-                sums += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=self.device)])
+                    if counted:   # summed, then divided by the count of all batches and ranks
+                        _, loss = self.model(to_device(x, self.device), to_device(y, self.device), reduction='sum')
+                    else:
+                        _, loss = self.model(to_device(x, self.device), to_device(y, self.device))
+                        loss = loss * y.numel()
+                sums += torch.stack([loss.float(), torch.tensor(float(scored.numel()), device=self.device)])
                 if counts is not None:
-                    counts.add(y)
+                    counts.add(scored)
             sums = reduce_over_ranks(sums)                # every rank's share, added up
             if counts is not None:
                 counts.total = reduce_over_ranks(counts.total)
@@ -329,6 +352,7 @@ def begin(self: Trainer, train_loader=None, max_steps: int | None = None):
     self.max_steps = self.config.max_steps if max_steps is None else max_steps
     if train_loader is not None:
         self._place_loader(train_loader)
+        self.counts_targets = _counts_targets(train_loader)
     self.precision                 # decided (on a CPU, measured) before the clock starts and the run is recorded
     self.status = 'running'
     self.t_start = time.time()
