@@ -42,6 +42,9 @@ def render(tok, messages: list[dict], generation_prompt: bool = False) -> np.nda
     """The ids of a conversation (`[{'role', 'content'}, ...]`): the end-of-text token, then each message's role marker,
     content and end-of-turn token; with `generation_prompt`, the assistant's marker after them, to be answered."""
     special = tok.special_ids
+    for message in messages:
+        if message.get('role') not in ROLES:
+            raise DataError(f"a message's role is one of {', '.join(ROLES)}, got {str(message.get('role'))[:40]!r}")
     contents = tok.encode_batch([m['content'] for m in messages])
     parts = [np.array([tok.eot_id])]
     for message, ids in zip(messages, contents):

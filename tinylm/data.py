@@ -81,12 +81,13 @@ IGNORE = -1   # a target the loss does not count (the model's cross-entropy igno
 class WindowDataset(Dataset):
     """Windows of `block_size + 1` consecutive ids; item `i` is `(ids[i:i+T], ids[i+1:i+T+1])` as int64. For a corpus
     of documents, `documents` holds where each begins; with `counted` (one bool per id), a target that does not count
-    is `IGNORE` in `y`."""
+    is `IGNORE` in `y`, and so is one whose document begins before its window (the model cannot see its start)."""
     def __init__(self, ids, block_size: int, name: str = 'train', vocab_size: int | None = None, documents=None,
                  counted=None):
         self.block_size = _check_int('block_size', block_size, 1)
         self.name = name
         self.documents = None if documents is None else np.asarray(documents, dtype=np.int64)
+        self._starts = None if documents is None else torch.from_numpy(self.documents)
         self.counted = None if counted is None else torch.as_tensor(np.asarray(counted, dtype=bool))
         if self.counted is not None and len(self.counted) != len(ids):
             raise DataError(f"the {name} split has {len(ids)} tokens but {len(self.counted)} counted flags")
@@ -122,14 +123,15 @@ class WindowDataset(Dataset):
         if not -n <= i < n:
             raise IndexError(f"window {i} out of range for the {self.name} split ({n} windows)")
         i %= n
-        return self._pair(self.data[i:i + self.block_size + 1].long(), torch.arange(i, i + self.block_size + 1))
+        positions = torch.arange(i, i + self.block_size + 1)
+        return self._pair(self.data[positions].long(), positions, window=True)
 
     def __getitems__(self, indices):
         """A whole batch `(X, Y)`, each int64 of shape `(len(indices), block_size)`, gathered in one go: `indices` are
         window starts, or (2-D) the token positions of each row."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         if idx.ndim == 2 and idx.shape[1] == self.block_size + 1:
-            return self._pair(self.data[idx].long(), idx)     # packed rows: their positions, given
+            return self._pair(self.data[idx].long(), idx, window=False)   # packed rows: their positions, given
         if idx.ndim != 1:
             raise IndexError(f"batch indices must be window starts (1-D) or rows of {self.block_size + 1} token "
                              f"positions, got shape {tuple(idx.shape)}")
@@ -138,14 +140,20 @@ class WindowDataset(Dataset):
             bad = int(idx[(idx < 0) | (idx >= n)][0])
             raise IndexError(f"window {bad} out of range for the {self.name} split ({n} windows)")
         positions = idx[:, None] + self._offsets            # (B, T+1): every token of every window at once
-        return self._pair(self.data[positions].long(), positions)
+        return self._pair(self.data[positions].long(), positions, window=True)
 
-    def _pair(self, w: torch.Tensor, positions: torch.Tensor):
-        "`(x, y)` of the windows `w` (`(..., T+1)` ids at `positions`): `y` is `IGNORE` where a target does not count."
+    def _pair(self, w: torch.Tensor, positions: torch.Tensor, window: bool):
+        """`(x, y)` of the windows (or packed rows) `w`, `(..., T+1)` ids at `positions`: `y` is `IGNORE` where a target
+        does not count."""
         x, y = w[..., :-1].contiguous(), w[..., 1:].contiguous()
-        if self.counted is not None:
-            y.masked_fill_(~self.counted[positions[..., 1:]], IGNORE)
-        return x, y
+        if self.counted is None:
+            return x, y
+        counts = self.counted[positions[..., 1:]]
+        if window and self._starts is not None:   # a packed row begins each document it holds: it sees them all
+            targets = positions[..., 1:].contiguous()
+            begins = self._starts[(torch.searchsorted(self._starts, targets, right=True) - 1).clamp(min=0)]
+            counts &= begins >= positions[..., :1]
+        return x, y.masked_fill(~counts, IGNORE)   # not in place: for one row, y and x can share the window's memory
 
     def __repr__(self):
         return (f"WindowDataset(name={self.name!r}, tokens={len(self.data):,}, block_size={self.block_size}, "

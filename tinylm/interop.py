@@ -13,6 +13,7 @@ from .config import TinyLMError, TrainingConfig, brief, os_error_cause
 from .tokenizer import Tokenizer, EOT
 from .corpus import temp_name
 from .bpe import BPETokenizer
+from .conversations import CHAT_TEMPLATE, END, has_chat_tokens
 from .model import Transformer, model_variant
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .cli import CLIParser, command, say
@@ -21,7 +22,7 @@ from .main import InitSource, InitReader
 # %% auto #0
 __all__ = ['HF_EXTRA', 'HF_ACT', 'RMS_EPS', 'ARCHITECTURES', 'main', 'cli', 'INIT_READERS', 'InteropError', 'hf_modules',
            'architecture', 'name_map', 'hf_config', 'to_hf', 'char_tokenizer_json', 'write_tokenizer', 'read_tokenizer',
-           'export', 'make_parser', 'run', 'shape_of', 'tinylm_state', 'read_hf']
+           'stop_ids', 'export', 'make_parser', 'run', 'shape_of', 'tinylm_state', 'read_hf']
 
 # %% ../nbs/19_interop.ipynb #f81743a8
 class InteropError(TinyLMError, ValueError):
@@ -157,19 +158,26 @@ def char_tokenizer_json(tok: Tokenizer) -> str:
     t.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')   # every character, \n included
     t.decoder = decoders.Fuse()                                                      # joined without spaces
     if tok.eot_id is not None:
-        t.add_special_tokens([EOT])                                                  # the id after the characters'
+        t.add_special_tokens(list(tok.special_ids))                                  # the ids after the characters'
+    if t.get_vocab_size() != tok.vocab_size:
+        raise InteropError("cannot export a character tokenizer whose special token is one of its characters: "
+                           f"{brief([n for n in tok.special_ids if n in tok.chars])}")
     return t.to_str()
 
-def _eot_of_json(d: dict, n: int) -> bool | None:
-    "Whether a character tokenizer's JSON `d` of `n` characters adds the end-of-text token after them (None: other)."
+def _specials_of_json(d: dict, n: int) -> tuple[bool, tuple[str, ...]] | None:
+    """Whether a character tokenizer's JSON `d` of `n` characters adds the end-of-text token after them, and the names
+    of the special tokens after it (None: added tokens of another form)."""
     added = [(t.get('content'), t.get('id')) for t in d.get('added_tokens') or []]
     if not added:
-        return False
-    return True if added == [(EOT, n)] else None
+        return False, ()
+    names = [name for name, _ in added]
+    if names[0] != EOT or added != [(name, n + i) for i, name in enumerate(names)]:
+        return None
+    return True, tuple(names[1:])
 
-def _chars_of_json(text: str) -> tuple[str, bool] | None:
-    """The vocabulary of a JSON of `char_tokenizer_json`'s form (one character per id, in sorted order), and whether
-    it has the end-of-text token; else None."""
+def _chars_of_json(text: str) -> tuple[str, bool, tuple[str, ...]] | None:
+    """The vocabulary of a JSON of `char_tokenizer_json`'s form (one character per id, in sorted order), whether it
+    has the end-of-text token and the names of the special tokens after it; else None."""
     d = json.loads(text)
     m = d.get('model') or {}
     vocab = m.get('vocab')
@@ -178,18 +186,23 @@ def _chars_of_json(text: str) -> tuple[str, bool] | None:
         return None
     chars = ''.join(sorted(vocab, key=vocab.get))
     ok = all(len(c) == 1 for c in vocab) and sorted(vocab.values()) == list(range(len(vocab)))
-    eot = _eot_of_json(d, len(vocab))
-    return (chars, eot) if ok and chars == ''.join(sorted(chars)) and eot is not None else None
+    specials = _specials_of_json(d, len(vocab))
+    return (chars, *specials) if ok and chars == ''.join(sorted(chars)) and specials is not None else None
 
 def write_tokenizer(tok, folder: Path):
-    "`tokenizer.json` (tinylm's own text) and `tokenizer_config.json`: what `AutoTokenizer.from_pretrained` reads."
+    """`tokenizer.json` (tinylm's own text) and `tokenizer_config.json`: what `AutoTokenizer.from_pretrained` reads;
+    the special tokens after the end-of-text token named as special, and a chat tokenizer's template."""
     transformers, _ = hf_modules()
     from tokenizers import Tokenizer as HFTokenizer
     text = tok.json if isinstance(tok, BPETokenizer) else char_tokenizer_json(tok)
-    ends = {} if tok.eot_id is None else dict(bos_token=EOT, eos_token=EOT)   # what generation stops at
+    named = {} if tok.eot_id is None else dict(bos_token=EOT, eos_token=EOT)   # a text begins after it, ends with it
+    if tok.specials:
+        named['extra_special_tokens'] = list(tok.specials)
+    if has_chat_tokens(tok):
+        named['chat_template'] = CHAT_TEMPLATE
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(text),
-                                                clean_up_tokenization_spaces=False, **ends)
-    fast.save_pretrained(folder)
+                                                clean_up_tokenization_spaces=False, **named)
+    fast.save_pretrained(folder, save_jinja_files=False)   # the template in tokenizer_config.json, not a .jinja file
     (Path(folder) / 'tokenizer.json').write_text(text, encoding='utf-8')   # byte for byte: the same sha256 comes back
 
 def read_tokenizer(folder: Path):
@@ -206,6 +219,12 @@ def read_tokenizer(folder: Path):
     raise InteropError(f"{p.parent} has no tokenizer (no tokenizer.json, nor vocab.json and merges.txt)")
 
 # %% ../nbs/19_interop.ipynb #d3b21e68
+def stop_ids(tok) -> int | list[int] | None:
+    "The ids `generate` stops at: a chat model's end of a turn and end of text; else the end of text, if it has one."
+    if has_chat_tokens(tok):
+        return [tok.special_ids[END], tok.eot_id]
+    return tok.eot_id
+
 def export(model: Transformer, tok, out_dir, overwrite: bool = False) -> Path:
     "Write `model` and `tok` as a Hugging Face folder: config, safetensors weights, generation config, tokenizer."
     architecture(model.config)                    # refuse an option with no equivalent before anything else
@@ -220,7 +239,7 @@ def export(model: Transformer, tok, out_dir, overwrite: bool = False) -> Path:
     try:
         hf.save_pretrained(tmp)
         transformers.GenerationConfig(max_length=model.block_size, do_sample=True, temperature=0.8, top_k=None,
-                                      bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
+                                      bos_token_id=tok.eot_id, eos_token_id=stop_ids(tok),
                                       pad_token_id=None).save_pretrained(tmp)
         write_tokenizer(tok, tmp)
         if out.exists():
@@ -248,7 +267,7 @@ def run(args) -> int:
     model, tok, _ = model_from_checkpoint(load_checkpoint(args.checkpoint))
     out = export(model, tok, args.out_dir, args.overwrite)
     say(f"wrote {out}: {ARCHITECTURES[architecture(model.config)]}, {model.num_params():,} parameters, "
-        f"{tok.kind} vocabulary of {tok.vocab_size}")
+        f"{tok.kind} vocabulary of {tok.vocab_size}{', the chat template' if has_chat_tokens(tok) else ''}")
     return 0
 
 main, cli = command(make_parser, run)

@@ -290,9 +290,12 @@ def conversation_data(config: TrainingConfig, tokenizer=None) -> RunData:
     flags = (None, None) if counted is None else (counted[:s], counted[s:])
     share = 1.0 if counted is None else float(counted[1:s].mean())   # the targets of the training split
     facts.update(chat_loss=config.chat_loss, counted=round(share, 4), packing=config.packing)
-    train = WindowDataset(corpus.ids[:s], config.block_size, 'train', tok.vocab_size, documents=corpus.documents[
-        corpus.documents < s], counted=flags[0])
-    val = WindowDataset(corpus.ids[s:], config.block_size, 'val', tok.vocab_size, counted=flags[1])
+    starts = corpus.documents[corpus.documents < s]
+    val_starts = corpus.documents[corpus.documents >= s] - s
+    train = WindowDataset(corpus.ids[:s], config.block_size, 'train', tok.vocab_size, documents=starts,
+                          counted=flags[0])
+    val = WindowDataset(corpus.ids[s:], config.block_size, 'val', tok.vocab_size, documents=val_starts,
+                        counted=flags[1])
     return RunData(tok, train, val, corpus.sha256, facts)
 
 def prepare_data(config: TrainingConfig, tokenizer: Tokenizer | None = None, progress=None) -> RunData:
