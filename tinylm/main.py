@@ -46,12 +46,14 @@ def make_parser() -> argparse.ArgumentParser:
                 epilog='Examples:\n  tinylm_train --max-steps 100\n  tinylm_train --resume out --max-steps 200\n'
                        '  tinylm_train --config modern --out-dir modern   # Muon, rotary positions, QK-norm\n'
                        '  tinylm_train --init-from my-gpt2/ --data notes.txt --max-steps 200   # fine-tune\n'
+                       '  tinylm_train --init-from out --data chats.jsonl --out-dir chat   # teach it to answer\n'
                        '  tinylm_train --config run.yaml --set dropout=0.1 --set n_layer=6\n'
                        f"\nBundled recipes (--config NAME): {', '.join(bundled_recipes())}",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', metavar='PATH|RECIPE', help='YAML file of config fields, or a bundled recipe\'s name')
     p.add_argument('--data', metavar='PATH', help='what to train on: a UTF-8 text file, a file of documents (.jsonl, '
-                   '.parquet; each also .gz or .zst), a folder or a glob of them (default: bundled Tiny Shakespeare)')
+                   '.parquet; each also .gz or .zst), a folder or a glob of them (default: bundled Tiny Shakespeare); '
+                   'JSON Lines of {"messages": [...]} are conversations (the loss on the assistant\'s turns)')
     p.add_argument('--max-steps', '--max_steps', dest='max_steps', type=int, metavar='N',
                    help='total optimizer steps of the run (a resumed run continues up to N)')
     p.add_argument('--resume', metavar='PATH', help='checkpoint file, or a run folder (its latest checkpoint)')
