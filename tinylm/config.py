@@ -212,9 +212,7 @@ def _coerce(value, t):
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typing.get_origin(t) is tuple and isinstance(value, str):
-        return (value,)          # one item: `--set eval_tasks=blimp`
-    if typing.get_origin(t) is tuple and isinstance(value, list):
-        return tuple(value)      # a YAML or JSON list
+        return (value,)          # one item: `--set eval_tasks=blimp` (a YAML or JSON list: `__post_init__`)
     return value
 
 def _check_type(name, value, t):

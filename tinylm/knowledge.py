@@ -4,14 +4,16 @@
 
 # %% ../nbs/23a_knowledge.ipynb #5b0d1a04
 from __future__ import annotations
-import hashlib, json, math, re
+import dataclasses, hashlib, json, math, re
 from pathlib import Path
 
 import numpy as np
 
 from .config import TinyLMError, parse_duration
 from .corpus import atomic_write, document_split
+from .documents import DocumentReader
 from .hooks import Hook
+from .loggers import read_log
 from .tasks import (BLIMP_FIELDS, REFERENCES, blimp_files, read_records, load_blimp, loglikelihoods,
                           score_blimp, blimp_summary)
 from .sample import load_model
@@ -19,7 +21,7 @@ from .scaling import doc_pages
 
 # %% auto #0
 __all__ = ['pages_as_documents', 'read_documents', 'blimp_overlap', 'Snapshots', 'validation_documents', 'documents_bpb',
-           'score_checkpoint', 'read_jsonl', 'score_run']
+           'score_checkpoint', 'score_run']
 
 # %% ../nbs/23a_knowledge.ipynb #5b0d1a07
 def pages_as_documents(source, out) -> dict:
@@ -35,9 +37,8 @@ def pages_as_documents(source, out) -> dict:
                 sha256=hashlib.sha256(data).hexdigest())
 
 def read_documents(path) -> list[str]:
-    "The texts of a JSON Lines file of `{'text': ...}` documents, in order."
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line)['text'] for line in f if line.strip()]
+    "The texts of a JSON Lines file of `{'text': ...}` documents, in order (chapter 2a's reader)."
+    return list(DocumentReader([path]).texts(sha256=False))
 
 # %% ../nbs/23a_knowledge.ipynb #5b0d1a0a
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+|\n')
@@ -98,21 +99,16 @@ def score_checkpoint(path, paradigms: list, val_texts: list[str], references: di
                 pairs=sum(r['pairs'] for r in results.values()), val_bpb=documents_bpb(model, tok, val_texts))
 
 # %% ../nbs/23a_knowledge.ipynb #5b0d1a12b
-def read_jsonl(path) -> list[dict]:
-    "The records of a JSON Lines file."
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 def score_run(out, blimp, val_texts: list[str], snapshot_pairs: int = 200) -> dict:
     """What the log of the run in `out` says of it; its snapshots scored on `snapshot_pairs` pairs of each paradigm
     of `blimp`, its final model on all of them, with the paper's models' means over the same paradigms."""
     out = Path(out)
-    records = read_jsonl(out / 'train.jsonl')
+    records = read_log(out)
     start, last = records[0], [r for r in records if r['event'] == 'eval'][-1]
-    few, _ = load_blimp(blimp, snapshot_pairs)
     every, references = load_blimp(blimp)
+    few = [dataclasses.replace(p, pairs=p.pairs[:snapshot_pairs]) for p in every]   # what the snapshots are asked
     snapshots = []
-    for r in read_jsonl(out / 'snapshots' / 'index.jsonl'):
+    for r in read_log(out / 'snapshots' / 'index.jsonl'):
         scores = score_checkpoint(out / 'snapshots' / f"step_{r['step']:06d}.pt", few, val_texts)
         snapshots.append(dict(minutes=r['train_s'] / 60, **scores))
     final = score_checkpoint(out, every, val_texts)

@@ -19,7 +19,7 @@ from .hooks import Hook
 __all__ = ['BLIMP_FIELDS', 'SUMMARY', 'REFERENCES', 'DELIMITER', 'CHOICE_FIELDS', 'TASKS', 'HEADLINE', 'TaskError', 'require_eot',
            'encode_pair', 'windows', 'windowed', 'loglikelihoods', 'read_records', 'Paradigm', 'blimp_files',
            'load_blimp', 'score_blimp', 'blimp_summary', 'blimp_table', 'load_choices', 'score_choices', 'text_bpb',
-           'read_text_file', 'load_task', 'check_task', 'score_task', 'task_names', 'task_record', 'TaskEvaluator']
+           'read_text_file', 'load_task', 'task_requests', 'score_task', 'task_names', 'task_record', 'TaskEvaluator']
 
 # %% ../nbs/13a_tasks.ipynb #4eea23c9
 class TaskError(TinyLMError, ValueError):
@@ -257,10 +257,12 @@ def _blimp_requests(tok, paradigms: list[Paradigm]) -> list:
     ids = _encode_all(tok, texts, names)
     return [([tok.eot_id], x) for x in ids]
 
-def score_blimp(model, tok, paradigms: list[Paradigm], batch_tokens: int = 4096, progress=None) -> dict:
+def score_blimp(model, tok, paradigms: list[Paradigm], batch_tokens: int = 4096, progress=None,
+                requests: list | None = None) -> dict:
     """`{paradigm: {term, field, pairs, correct, accuracy, windowed}}`: each pair right when log p(good) >= log p(bad);
-    `windowed`, the sentences longer than the model's context (scored in rows, where lm-eval refuses)."""
-    requests = _blimp_requests(tok, paradigms)
+    `windowed`, the sentences longer than the model's context (scored in rows, where lm-eval refuses). `requests`:
+    the paradigms' sentences already encoded (`_blimp_requests`), if they were."""
+    requests = _blimp_requests(tok, paradigms) if requests is None else requests
     scores = loglikelihoods(model, requests, batch_tokens, progress)
     results, at = {}, 0
     for p in paradigms:
@@ -338,9 +340,11 @@ def _choice_requests(tok, questions: list[dict]) -> list:
             raise TaskError(f"question {number}: {e}") from None
     return requests
 
-def score_choices(model, tok, questions: list[dict], batch_tokens: int = 4096, progress=None) -> dict:
-    "lm-eval's `acc` and `acc_norm` over `questions`, their number, and the choices scored in rows (`windowed`)."
-    requests = _choice_requests(tok, questions)
+def score_choices(model, tok, questions: list[dict], batch_tokens: int = 4096, progress=None,
+                  requests: list | None = None) -> dict:
+    """lm-eval's `acc` and `acc_norm` over `questions`, their number, and the choices scored in rows (`windowed`);
+    `requests`: the questions already encoded (`_choice_requests`), if they were."""
+    requests = _choice_requests(tok, questions) if requests is None else requests
     scores = loglikelihoods(model, requests, batch_tokens, progress)
     right = right_norm = at = 0
     for q in questions:
@@ -360,9 +364,10 @@ def _text_ids(tok, text: str) -> list[int]:
     except TokenizerError as e:
         raise TaskError(f"the text cannot be encoded by this model's tokenizer: {e}") from None
 
-def text_bpb(model, tok, text: str, batch_tokens: int = 4096, progress=None) -> dict:
-    "Bits per UTF-8 byte of `text` as one document: the bits, the bytes counted, and the tokens predicted."
-    ids = _text_ids(tok, text)
+def text_bpb(model, tok, text: str, batch_tokens: int = 4096, progress=None, ids: list[int] | None = None) -> dict:
+    """Bits per UTF-8 byte of `text` as one document: the bits, the bytes counted, and the tokens predicted; `ids`:
+    the text already encoded, if it was."""
+    ids = _text_ids(tok, text) if ids is None else ids
     if tok.eot_id is not None:
         context, continuation = [tok.eot_id], ids
         counted = len(text.encode('utf-8'))
@@ -400,14 +405,13 @@ def load_task(task: str, data, limit: int | None):
         return load_choices(data, limit)
     return read_text_file(data)
 
-def check_task(task: str, tok, data):
-    "Encode every question of the task: the error scoring would meet, raised now."
+def task_requests(task: str, tok, data) -> list:
+    "Every question of the task, encoded (the error scoring would meet, raised now): what `score_task` asks."
     if task == 'blimp':
-        _blimp_requests(tok, data[0])
-    elif task == 'choice':
-        _choice_requests(tok, data)
-    else:
-        _text_ids(tok, data)
+        return _blimp_requests(tok, data[0])
+    if task == 'choice':
+        return _choice_requests(tok, data)
+    return _text_ids(tok, data)
 
 def _windows_note(n: int, what: str) -> str:
     "A line under the report when `n` texts were longer than the model's context."
@@ -416,11 +420,13 @@ def _windows_note(n: int, what: str) -> str:
     return (f"\nnote: {n:,} {what} longer than the model's context were scored in overlapping windows (lm-eval refuses "
             "such texts, so these scores are tinylm's own)")
 
-def score_task(task: str, model, tok, data, batch_tokens: int = 4096, progress=None) -> tuple[dict, str]:
-    "The task's results and its report."
+def score_task(task: str, model, tok, data, batch_tokens: int = 4096, progress=None,
+               requests: list | None = None) -> tuple[dict, str]:
+    "The task's results and its report; `requests`: its questions already encoded by `task_requests`, if they were."
+    requests = task_requests(task, tok, data) if requests is None else requests
     if task == 'blimp':
         paradigms, references = data
-        results = score_blimp(model, tok, paradigms, batch_tokens, progress)
+        results = score_blimp(model, tok, paradigms, batch_tokens, progress, requests)
         summary = blimp_summary(results, references)
         pairs = sum(len(p.pairs) for p in paradigms)
         long = sum(r['windowed'] for r in results.values())
@@ -428,10 +434,10 @@ def score_task(task: str, model, tok, data, batch_tokens: int = 4096, progress=N
         report = head + '\n' + blimp_table(summary) + _windows_note(long, 'sentences')
         return dict(paradigms=results, windowed=long, **summary), report
     if task == 'choice':
-        r = score_choices(model, tok, data, batch_tokens, progress)
+        r = score_choices(model, tok, data, batch_tokens, progress, requests)
         return r, (f"multiple choice: {r['questions']:,} questions, acc {100 * r['acc']:.1f}%, "
                    f"acc_norm {100 * r['acc_norm']:.1f}%" + _windows_note(r['windowed'], 'choices'))
-    r = text_bpb(model, tok, data, batch_tokens, progress)
+    r = text_bpb(model, tok, data, batch_tokens, progress, requests)
     return r, f"bits per byte: {r['bpb']:.4f} ({r['bytes']:,} bytes, {r['tokens']:,} tokens predicted)"
 
 # %% ../nbs/13a_tasks.ipynb #7a1c0e05
@@ -463,7 +469,7 @@ class TaskEvaluator(Hook):
     order = 15   # after the validation loss (10), before sampling (20) and checkpoints (30)
     def __init__(self, batch_tokens: int = 4096):
         self.batch_tokens = batch_tokens   # ids per forward pass
-        self.tasks = {}                    # name -> (task, path, data), read at `before_fit`
+        self.tasks = {}                    # name -> (task, path, data, requests): read and encoded at `before_fit`
     def before_fit(self, t):
         c = t.config
         self.tasks = {}
@@ -475,10 +481,10 @@ class TaskEvaluator(Hook):
         for name, task, path in zip(task_names(c.eval_tasks, c.eval_task_data), c.eval_tasks, c.eval_task_data):
             try:
                 data = load_task(task, path, None if task == 'bpb' else limit)
-                check_task(task, t.tokenizer, data)
+                requests = task_requests(task, t.tokenizer, data)
             except TaskError as e:
                 raise TaskError(f"eval_tasks: {name}: {e}") from None
-            self.tasks[name] = (task, path, data)
+            self.tasks[name] = (task, path, data, requests)
     def cadence(self, t) -> int:
         return t.config.eval_task_cadence or t.config.eval_cadence
     def after_step(self, t):
@@ -491,9 +497,9 @@ class TaskEvaluator(Hook):
             self.evaluate(t)
     def evaluate(self, t):
         scores = {}
-        for name, (task, path, data) in self.tasks.items():
+        for name, (task, path, data, requests) in self.tasks.items():
             started = time.perf_counter()
-            results, _ = score_task(task, t.raw_model, t.tokenizer, data, self.batch_tokens)
+            results, _ = score_task(task, t.raw_model, t.tokenizer, data, self.batch_tokens, requests=requests)
             scores[name] = dict(task=task, data=str(path), **task_record(task, results),
                                 seconds=time.perf_counter() - started)
         t.record_task_eval(scores)
