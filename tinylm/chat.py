@@ -15,7 +15,7 @@ from .tokenizer import TokenizerError
 from .bpe import StreamDecoder
 from .model import Transformer
 from .conversations import CHAT_TOKENS, has_chat_tokens, render
-from .sample import load_model, check_request, stream_tokens, _end_line
+from .sample import load_model, check_request, stream_tokens, add_sampling_flags, _end_line
 from .cli import CLIParser, command, say, print_error
 
 # %% auto #0
@@ -168,12 +168,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-new-tokens', '--max_new_tokens', dest='max_new_tokens', type=int, default=256, metavar='N',
                    help="tokens per reply at most; the history leaves room for N of them, at most half the model's "
                         "context (default: 256)")
-    p.add_argument('--temperature', type=float, default=0.8,
-                   help='> 0; lower is more conservative, higher more adventurous (default: 0.8)')
-    p.add_argument('--top-k', '--top_k', dest='top_k', type=int, default=None, metavar='K',
-                   help='sample only among the K most likely tokens (default: all)')
-    p.add_argument('--top-p', '--top_p', dest='top_p', type=float, default=None, metavar='P',
-                   help='nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]')
+    add_sampling_flags(p)
     p.add_argument('--seed', type=int, default=1337,
                    help='random seed: the same messages and seed give the same replies (default: 1337)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps (default: auto)')

@@ -127,9 +127,9 @@ def _fitted(ids: np.ndarray, tok, context: int) -> np.ndarray | None:
     "`ids` (a rendered conversation) cut after the last assistant turn that ends within `context` ids; None if none."
     if len(ids) <= context:
         return ids
-    ends = np.flatnonzero(ids[:context] == tok.special_ids[END])
-    answers = [e for e in ends if counted_targets(ids[:e + 1], tok)[e]]   # the end tokens that close an answer
-    return ids[:answers[-1] + 1] if answers else None
+    head = ids[:context]
+    answers = np.flatnonzero((head == tok.special_ids[END]) & counted_targets(head, tok))   # ends closing an answer
+    return head[:answers[-1] + 1] if len(answers) else None
 
 def _conversation_tokenizer(tok, kind: str, vocab_size: int, texts: list[str]):
     "`tok` with the chat tokens; or a new tokenizer of `kind` trained on `texts`, with them."

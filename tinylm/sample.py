@@ -21,7 +21,7 @@ from .cli import CLIParser, command
 
 # %% auto #0
 __all__ = ['SEPARATOR', 'BOUNDARY', 'main', 'cli', 'SampleError', 'load_model', 'check_request', 'stream_tokens', 'encode_prompt',
-           'write_samples', 'make_parser', 'read_prompt', 'run']
+           'write_samples', 'add_sampling_flags', 'make_parser', 'read_prompt', 'run']
 
 # %% ../nbs/17_sample.ipynb #e57bef12
 class SampleError(TinyLMError, ValueError):
@@ -112,6 +112,15 @@ def write_samples(model: Transformer, tok: Tokenizer, prompt: str, max_new_token
     return [''.join(p) for p in pieces]
 
 # %% ../nbs/17_sample.ipynb #1149110f
+def add_sampling_flags(p: argparse.ArgumentParser):
+    "`--temperature`, `--top-k` and `--top-p`: how a command that samples draws each token (chapter 17b's too)."
+    p.add_argument('--temperature', type=float, default=0.8,
+                   help='> 0; lower is more conservative, higher more adventurous (default: 0.8)')
+    p.add_argument('--top-k', '--top_k', dest='top_k', type=int, default=None, metavar='K',
+                   help='sample only among the K most likely tokens (default: all)')
+    p.add_argument('--top-p', '--top_p', dest='top_p', type=float, default=None, metavar='P',
+                   help='nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]')
+
 def make_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='tinylm_sample', description='Generate text from a tinylm checkpoint, streamed as sampled.',
                 epilog='Examples:\n  tinylm_sample --checkpoint out\n'
@@ -128,12 +137,7 @@ def make_parser() -> argparse.ArgumentParser:
                      help='read the prompt from a UTF-8 file, as it is')
     p.add_argument('--max-new-tokens', '--max_new_tokens', dest='max_new_tokens', type=int, default=500, metavar='N',
                    help='tokens to generate per sample (characters, for a character model; default: 500)')
-    p.add_argument('--temperature', type=float, default=0.8,
-                   help='> 0; lower is more conservative, higher more adventurous (default: 0.8)')
-    p.add_argument('--top-k', '--top_k', dest='top_k', type=int, default=None, metavar='K',
-                   help='sample only among the K most likely tokens (default: all)')
-    p.add_argument('--top-p', '--top_p', dest='top_p', type=float, default=None, metavar='P',
-                   help='nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]')
+    add_sampling_flags(p)
     p.add_argument('--num-samples', '--num_samples', dest='num_samples', type=int, default=1, metavar='N',
                    help='how many samples to print (default: 1)')
     p.add_argument('--seed', type=int, default=1337,
